@@ -1,0 +1,64 @@
+"""Errors that fail one request with a clear message, never the engine.
+
+Every surface maps these to its own shape: the OpenAI routes to
+``{"error": {"message", "type", "param", "code"}}`` with ``status``, the LoRAX
+routes to ``{"error", "error_type"}``, MLflow to an ``MlflowException``.
+"""
+
+from __future__ import annotations
+
+
+class LoraxError(Exception):
+    """Base class: a request-level failure with an HTTP status and OpenAI error fields."""
+
+    status: int = 400
+    type: str = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(LoraxError):
+    """A parameter is out of range, malformed, or cannot be honoured."""
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class AdapterNotFoundError(LoraxError):
+    status = 404
+    type = "not_found_error"
+    code = "adapter_not_found"
+
+
+class AdapterValidationError(LoraxError):
+    """The adapter exists but cannot be used with this base model or engine config."""
+
+    code = "invalid_adapter"
+
+
+class AdapterAuthError(LoraxError):
+    status = 401
+    type = "authentication_error"
+    code = "adapter_unauthorized"
+
+
+class AdapterForbiddenError(AdapterAuthError):
+    status = 403
+    type = "permission_error"
+    code = "adapter_forbidden"
+
+
+class EngineUnavailableError(LoraxError):
+    status = 503
+    type = "service_unavailable"
+    code = "engine_unavailable"

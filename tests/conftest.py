@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer, and real PEFT adapters for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import build_peft_adapter, build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The configured adapter root that the tiny adapters live under."""
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dir: Path, adapter_root: Path) -> dict[str, Path]:
+    """Three PEFT adapters of different ranks (one rsLoRA, one saved as .bin), all 7 target modules."""
+    return {
+        "a": build_peft_adapter(tiny_model_dir, adapter_root / "a", rank=4, alpha=8, seed=11),
+        "b": build_peft_adapter(tiny_model_dir, adapter_root / "b", rank=8, alpha=32, seed=12, use_rslora=True),
+        "c": build_peft_adapter(tiny_model_dir, adapter_root / "c", rank=16, alpha=16, seed=13, safetensors=False),
+    }
