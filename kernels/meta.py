@@ -1,0 +1,115 @@
+"""Per-step token grouping shared by every LoRA layer of one forward pass.
+
+The engine builds one `LoraBatchMeta` per step from the token -> slot map; every layer then reads
+the same grouping. All index work (and the only host/device synchronisation) happens here, once:
+tokens with an adapter are stably sorted by slot (so requests need not be contiguous in the batch),
+and each non-empty slot becomes a *segment* (slot id, start into the sorted indices, token count).
+The device tensors feed the Triton kernels; the host tuples let the torch path and the kernel
+launch grids run without ever reading a device tensor back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraBatchMeta:
+    """Tokens of one step grouped by adapter slot.
+
+    Device tensors (on the device given to `make_lora_meta`):
+      sorted_token_indices  int64 [N]  indices of tokens that have an adapter, grouped by slot,
+                                       ascending within a slot (stable sort)
+      segment_slots         int32 [G]  slot of each non-empty segment, ascending
+      segment_starts        int32 [G]  where each segment begins in sorted_token_indices
+      segment_counts        int32 [G]  number of tokens in each segment
+    Host copies (python ints) of the same segment table, plus:
+      segment_first_tokens  first token index of each segment when its tokens form one contiguous
+                            run of the batch (the usual case: one request = one run), else -1;
+                            lets the torch path use plain slices instead of gather/scatter.
+    """
+
+    num_tokens: int
+    num_slots: int
+    sorted_token_indices: torch.Tensor
+    segment_slots: torch.Tensor
+    segment_starts: torch.Tensor
+    segment_counts: torch.Tensor
+    segment_slots_host: tuple[int, ...]
+    segment_starts_host: tuple[int, ...]
+    segment_counts_host: tuple[int, ...]
+    segment_first_tokens: tuple[int, ...]
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segment_slots_host)
+
+    @property
+    def max_segment_tokens(self) -> int:
+        return max(self.segment_counts_host)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sorted_token_indices.device
+
+    def segment_token_indices(self, segment: int) -> torch.Tensor:
+        """Token indices of one segment (a view into `sorted_token_indices`, no sync)."""
+        start = self.segment_starts_host[segment]
+        return self.sorted_token_indices[start : start + self.segment_counts_host[segment]]
+
+
+def make_lora_meta(
+    token_lora: torch.Tensor, num_slots: int, *, device: torch.device | str | None = None
+) -> LoraBatchMeta | None:
+    """Group the tokens of one step by adapter slot.
+
+    token_lora: int [T], the slot of each token in [0, num_slots), or -1 for "no adapter".
+    device: where the index tensors live (default: token_lora's device); pass the model's device
+      when token_lora was built on the host.
+    Returns None when no token has an adapter, so layers can skip LoRA entirely.
+    Reads token_lora back to the host once (one sync per step, never per layer).
+    """
+    if token_lora.dim() != 1:
+        raise ValueError(f"token_lora must be 1-D [num_tokens], got shape {tuple(token_lora.shape)}")
+    if token_lora.dtype.is_floating_point or token_lora.dtype == torch.bool:
+        raise ValueError(f"token_lora must be an integer tensor, got {token_lora.dtype}")
+    target_device = torch.device(device) if device is not None else token_lora.device
+    slots = token_lora.to("cpu", torch.int64)
+    if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= num_slots):
+        raise ValueError(f"token_lora values must be in [-1, {num_slots}), got [{int(slots.min())}, {int(slots.max())}]")
+
+    with_adapter = torch.nonzero(slots >= 0).flatten()
+    if with_adapter.numel() == 0:
+        return None
+    adapter_slots = slots[with_adapter]
+    sorted_tokens = with_adapter[torch.argsort(adapter_slots, stable=True)]
+    counts_per_slot = torch.bincount(adapter_slots, minlength=num_slots)
+    segment_slots = torch.nonzero(counts_per_slot).flatten()
+    segment_counts = counts_per_slot[segment_slots]
+    segment_starts = torch.cumsum(segment_counts, 0) - segment_counts
+
+    starts_host = tuple(segment_starts.tolist())
+    counts_host = tuple(segment_counts.tolist())
+    first_tokens = tuple(
+        _first_token_if_contiguous(sorted_tokens[start : start + count]) for start, count in zip(starts_host, counts_host)
+    )
+    return LoraBatchMeta(
+        num_tokens=slots.numel(),
+        num_slots=num_slots,
+        sorted_token_indices=sorted_tokens.to(target_device),
+        segment_slots=segment_slots.to(target_device, torch.int32),
+        segment_starts=segment_starts.to(target_device, torch.int32),
+        segment_counts=segment_counts.to(target_device, torch.int32),
+        segment_slots_host=tuple(segment_slots.tolist()),
+        segment_starts_host=starts_host,
+        segment_counts_host=counts_host,
+        segment_first_tokens=first_tokens,
+    )
+
+
+def _first_token_if_contiguous(tokens: torch.Tensor) -> int:
+    """Ascending token indices form one run iff last - first + 1 == count."""
+    first, last = int(tokens[0]), int(tokens[-1])
+    return first if last - first + 1 == tokens.numel() else -1

@@ -1,0 +1,279 @@
+"""Triton SGMV kernels: LoRA shrink and expand over stacked slot weights, tokens grouped by slot.
+
+Both kernels walk the segment table of a `LoraBatchMeta`: program axis 2 enumerates
+(segment, slice) pairs, axis 0 blocks of the segment's tokens (read through the sorted token
+indices, so a segment's tokens need not be contiguous in the batch). Tokens without an adapter
+belong to no segment and are never touched. Several slices (e.g. q, k, v) run in one launch: their
+weight base pointers, output widths and column offsets travel as small int64 tensors.
+
+shrink: v[s, t, :r] = x[t] @ A_s[slot]^T, split-K over in_features (float32 atomics when split).
+expand: y[t, off_s : off_s + out_s] += v[s, t] @ B_s[slot]^T, read-modify-write of y in place.
+v is float32. Rank is padded to a power of two >= 16 and masked, so any rank works (4, 8, 48, 128).
+Weights must be contiguous stacks [slots, r, in] / [slots, out, r] (device slot buffers are).
+
+Set TRITON_INTERPRET=1 before this module is imported to run the kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import expand_config, shrink_config
+from .meta import LoraBatchMeta
+from .shapes import check_expand_args, check_shrink_args
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,
+    a_ptr_table,
+    v_ptr,
+    sorted_tokens_ptr,
+    segment_slots_ptr,
+    segment_starts_ptr,
+    segment_counts_ptr,
+    in_features,
+    rank,
+    stride_xt,
+    stride_xk,
+    stride_al,
+    stride_ar,
+    stride_vs,
+    stride_vt,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    segment = tl.program_id(2) // NUM_SLICES
+    slice_id = tl.program_id(2) % NUM_SLICES
+    count = tl.load(segment_counts_ptr + segment)
+    if pid_m * BLOCK_M >= count:
+        return
+    start = tl.load(segment_starts_ptr + segment)
+    slot = tl.load(segment_slots_ptr + segment).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tokens = tl.load(sorted_tokens_ptr + start + offs_m, mask=mask_m, other=0)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < rank
+    a_base = tl.load(a_ptr_table + slice_id).to(tl.pointer_type(x_ptr.dtype.element_ty)) + slot * stride_al
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, in_features, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_features
+        x_tile = tl.load(
+            x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        a_tile = tl.load(  # A[slot] is [r, in] row-major; load its transpose [BLOCK_K, BLOCK_N]
+            a_base + offs_n[None, :] * stride_ar + offs_k[:, None],
+            mask=mask_n[None, :] & mask_k[:, None],
+            other=0.0,
+        )
+        acc += tl.dot(x_tile, a_tile, input_precision=DOT_PRECISION)
+
+    v_ptrs = v_ptr + slice_id * stride_vs + tokens[:, None] * stride_vt + offs_n[None, :]
+    v_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(v_ptrs, acc, mask=v_mask)
+    else:
+        tl.atomic_add(v_ptrs, acc, mask=v_mask)
+
+
+@triton.jit
+def _expand_kernel(
+    v_ptr,
+    b_ptr_table,
+    out_widths_ptr,
+    out_offsets_ptr,
+    y_ptr,
+    sorted_tokens_ptr,
+    segment_slots_ptr,
+    segment_starts_ptr,
+    segment_counts_ptr,
+    rank,
+    stride_vs,
+    stride_vt,
+    stride_yt,
+    stride_yn,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    segment = tl.program_id(2) // NUM_SLICES
+    slice_id = tl.program_id(2) % NUM_SLICES
+    count = tl.load(segment_counts_ptr + segment)
+    out_width = tl.load(out_widths_ptr + slice_id)
+    if (pid_m * BLOCK_M >= count) | (pid_n * BLOCK_N >= out_width):
+        return
+    start = tl.load(segment_starts_ptr + segment)
+    slot = tl.load(segment_slots_ptr + segment).to(tl.int64)
+    out_offset = tl.load(out_offsets_ptr + slice_id)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tokens = tl.load(sorted_tokens_ptr + start + offs_m, mask=mask_m, other=0)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < rank
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < out_width
+
+    v_tile = tl.load(
+        v_ptr + slice_id * stride_vs + tokens[:, None] * stride_vt + offs_k[None, :],
+        mask=mask_m[:, None] & mask_k[None, :],
+        other=0.0,
+    )
+    # B[slot] is a contiguous [out_width, rank] matrix; load its transpose [BLOCK_K, BLOCK_N].
+    b_base = tl.load(b_ptr_table + slice_id).to(tl.pointer_type(y_ptr.dtype.element_ty)) + slot * out_width * rank
+    b_tile = tl.load(
+        b_base + offs_n[None, :] * rank + offs_k[:, None],
+        mask=mask_n[None, :] & mask_k[:, None],
+        other=0.0,
+    )
+    update = tl.dot(v_tile, b_tile.to(tl.float32), input_precision=DOT_PRECISION)
+
+    y_ptrs = y_ptr + tokens[:, None] * stride_yt + (out_offset + offs_n)[None, :] * stride_yn
+    y_mask = mask_m[:, None] & mask_n[None, :]
+    y_tile = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y_tile.to(tl.float32) + update).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta) -> torch.Tensor:
+    check_shrink_args(x, a_stacks, meta)
+    _check_meta_device(meta, x)
+    _check_contiguous(a_stacks, "A")
+    num_slices = len(a_stacks)
+    _, rank, in_features = a_stacks[0].shape
+    v = torch.zeros(num_slices, x.shape[0], rank, dtype=torch.float32, device=x.device)
+    config = shrink_config(meta.max_segment_tokens, rank, in_features)
+    grid = (triton.cdiv(meta.max_segment_tokens, config.block_m), config.split_k, meta.num_segments * num_slices)
+    _shrink_kernel[grid](
+        x,
+        _pointer_table(a_stacks),
+        v,
+        meta.sorted_token_indices,
+        meta.segment_slots,
+        meta.segment_starts,
+        meta.segment_counts,
+        in_features,
+        rank,
+        x.stride(0),
+        x.stride(1),
+        a_stacks[0].stride(0),
+        a_stacks[0].stride(1),
+        v.stride(0),
+        v.stride(1),
+        NUM_SLICES=num_slices,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return v
+
+
+def lora_expand(
+    v: torch.Tensor, b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta, y: torch.Tensor
+) -> None:
+    widths = check_expand_args(v, b_stacks, meta, y)
+    _check_meta_device(meta, y)
+    _check_contiguous(b_stacks, "B")
+    if v.dtype != torch.float32 or v.stride(2) != 1:
+        v = v.float().contiguous()
+    num_slices = len(b_stacks)
+    rank = v.shape[2]
+    config = expand_config(meta.max_segment_tokens, rank, max(widths))
+    offsets = [sum(widths[:s]) for s in range(num_slices)]
+    grid = (
+        triton.cdiv(meta.max_segment_tokens, config.block_m),
+        triton.cdiv(max(widths), config.block_n),
+        meta.num_segments * num_slices,
+    )
+    _expand_kernel[grid](
+        v,
+        _pointer_table(b_stacks),
+        _int64_table(tuple(widths), y.device),
+        _int64_table(tuple(offsets), y.device),
+        y,
+        meta.sorted_token_indices,
+        meta.segment_slots,
+        meta.segment_starts,
+        meta.segment_counts,
+        rank,
+        v.stride(0),
+        v.stride(1),
+        y.stride(0),
+        y.stride(1),
+        NUM_SLICES=num_slices,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        DOT_PRECISION=_dot_precision(y.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def add_lora(
+    y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, meta: LoraBatchMeta
+) -> None:
+    lora_expand(lora_shrink(x, [a_stack], meta), [b_stack], meta, y)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 weights get exact fp32 products; fp16/bf16 weights: their fp32 products (expand) may use
+    tf32, whose mantissa is as wide as fp16's, at tensor-core speed."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+_table_cache: dict[tuple, torch.Tensor] = {}
+_TABLE_CACHE_SIZE = 256
+
+
+def _int64_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Small per-slice tables, cached: slot buffers live for the whole run, so after the first step
+    of each layer no host->device copy is needed."""
+    key = (values, device)
+    table = _table_cache.get(key)
+    if table is None:
+        if len(_table_cache) >= _TABLE_CACHE_SIZE:
+            _table_cache.clear()
+        table = torch.tensor(values, dtype=torch.int64, device=device)
+        _table_cache[key] = table
+    return table
+
+
+def _pointer_table(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
+    return _int64_table(tuple(stack.data_ptr() for stack in stacks), stacks[0].device)
+
+
+def _check_contiguous(stacks: Sequence[torch.Tensor], name: str) -> None:
+    if not all(stack.is_contiguous() for stack in stacks):
+        raise ValueError(f"the Triton kernels need contiguous {name} stacks")
+
+
+def _check_meta_device(meta: LoraBatchMeta, tensor: torch.Tensor) -> None:
+    if meta.device != tensor.device:
+        raise ValueError(
+            f"meta index tensors are on {meta.device} but the operands are on {tensor.device}; "
+            "build the meta with make_lora_meta(..., device=<model device>)"
+        )
