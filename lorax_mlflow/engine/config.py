@@ -1,0 +1,79 @@
+"""Engine configuration: one dataclass, serialisable into the MLflow model config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    """Most sequences decoding at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill tokens + one per decoding sequence)."""
+    max_model_len: int | None = None
+    """Context window; None -> the model's max_position_embeddings capped at 8192."""
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    """KV cache budget in bytes; None -> 512 MiB on CPU, 60% of free memory on CUDA."""
+    max_loras: int = 8
+    """Device slots: adapters resident at once."""
+    max_lora_rank: int = 64
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    adapter_roots: list[str] = field(default_factory=list)
+    host_cache_bytes: int = 2 << 30
+    """Host-memory LRU budget for loaded adapters."""
+    download_dir: str | None = None
+    dtype: str = "auto"
+    """auto -> float32 on CPU, bfloat16 on CUDA."""
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        self.adapter_roots = [str(r) for r in self.adapter_roots]
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def with_env_overrides(self) -> "EngineConfig":
+        """Apply LORAX_<FIELD> environment variables (e.g. LORAX_MAX_LORAS=16)."""
+        updates: dict[str, Any] = {}
+        for f in fields(self):
+            raw = os.environ.get(f"LORAX_{f.name.upper()}")
+            if raw is None:
+                continue
+            current = getattr(self, f.name)
+            if isinstance(current, (list, tuple)):
+                updates[f.name] = [part for part in raw.split(os.pathsep if f.name == "adapter_roots" else ",") if part]
+            elif f.name in ("max_model_len", "kv_cache_bytes") or isinstance(current, int):
+                updates[f.name] = int(raw)
+            else:
+                updates[f.name] = raw
+        return EngineConfig(**{**asdict(self), **updates}) if updates else self

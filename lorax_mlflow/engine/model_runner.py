@@ -1,0 +1,139 @@
+"""Tensors only: loads the transformers model with multi-LoRA layers and the paged KV cache, and
+runs one packed forward per step. Knows nothing about scheduling or requests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorax_kernels import make_lora_meta
+from lorax_mlflow.engine.attention import register_paged_attention
+from lorax_mlflow.engine.config import EngineConfig
+from lorax_mlflow.engine.context import attention_context, build_attention_context
+from lorax_mlflow.engine.scheduler import ScheduledSequence
+from lorax_mlflow.lora.inject import inject_multi_lora
+from lorax_mlflow.lora.routing import LoraRouting, lora_routing
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BYTES = 512 << 20
+_CUDA_KV_FRACTION = 0.6
+
+
+@dataclass
+class StepLogits:
+    last: torch.Tensor
+    """[len(scheduled), V] logits of each scheduled sequence's last token (siblings share a row's values)."""
+    prompt: dict[int, torch.Tensor] = field(default_factory=dict)
+    """seq_id -> [num_new_tokens, V] logits at every fed position, for sequences that asked for prompt logprobs."""
+
+
+class ModelRunner:
+    def __init__(self, model_path: str | Path, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        attn_name = register_paged_attention()
+        hf_config = AutoConfig.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, attn_implementation=attn_name
+        ).to(self.device).eval()
+        self.hf_config = self.model.config
+        self.lora_layers = inject_multi_lora(self.model, config.target_modules, config.max_loras, config.max_lora_rank)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 8192
+        self.max_model_len = config.max_model_len or min(model_max, 8192)
+        self.block_size = config.block_size
+        self.kv_cache = self._allocate_kv_cache()
+        self.num_blocks = self.kv_cache.shape[2] // self.block_size
+
+    @property
+    def base_modules(self) -> dict[str, tuple[int, int]]:
+        return {name: (layer.in_features, layer.out_features) for name, layer in self.lora_layers.items()}
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        cfg = self.hf_config
+        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_block = cfg.num_hidden_layers * 2 * self.block_size * num_kv_heads * head_dim * self.dtype.itemsize
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * _CUDA_KV_FRACTION)
+            else:
+                budget = _CPU_KV_BYTES
+        num_blocks = max(1, budget // per_block)
+        logger.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, self.block_size, num_blocks * per_block / 2**20)
+        return torch.zeros(
+            cfg.num_hidden_layers, 2, num_blocks * self.block_size, num_kv_heads, head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole KV blocks (src -> dst) in every layer."""
+        if not copies:
+            return
+        bs = self.block_size
+        src = torch.tensor([s * bs + i for s, _ in copies for i in range(bs)], device=self.device)
+        dst = torch.tensor([d * bs + i for _, d in copies for i in range(bs)], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence], slot_ranks: list[int]) -> StepLogits:
+        """One packed forward over the new tokens of `scheduled`; `slot_ranks[slot]` = adapter rank per slot."""
+        fed = [item for item in scheduled if item.num_new_tokens > 0]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        keep: list[int] = []
+        last_row: dict[int, int] = {}
+        prompt_rows: dict[int, range] = {}
+        for item in fed:
+            seq, count = item.seq, item.num_new_tokens
+            start = seq.num_tokens - count
+            offset = len(input_ids)
+            input_ids.extend(seq.token_ids[start:])
+            positions.extend(range(start, seq.num_tokens))
+            token_slots.extend([seq.lora_slot] * count)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                prompt_rows[seq.seq_id] = range(len(keep), len(keep) + count)
+                keep.extend(range(offset, offset + count))
+            else:
+                keep.append(offset + count - 1)
+            last_row[seq.seq_id] = len(keep) - 1
+
+        attn = build_attention_context(
+            self.kv_cache,
+            [item.seq.block_table for item in fed],
+            [item.seq.num_tokens for item in fed],
+            [item.num_new_tokens for item in fed],
+            self.block_size,
+            self.device,
+        )
+        slots = torch.tensor(token_slots, dtype=torch.long)
+        meta = make_lora_meta(slots.to(self.device), self.config.max_loras)
+        routing = None
+        if meta is not None:
+            rank = max(slot_ranks[s] for s in set(token_slots) if s >= 0)
+            routing = LoraRouting(meta=meta, rank=max(rank, 1))
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        keep_index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        with attention_context(attn), lora_routing(routing):
+            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep_index).logits[0]
+        logits = logits.float()
+        for item in fed:
+            item.seq.num_cached_tokens = item.seq.num_tokens
+        rows = [last_row[(item.logits_from or item.seq).seq_id] for item in scheduled]
+        for item in scheduled:
+            if item.logits_from is not None:
+                item.seq.num_cached_tokens = item.seq.num_tokens
+        return StepLogits(
+            last=logits[torch.tensor(rows, device=self.device)],
+            prompt={seq_id: logits[r.start : r.stop] for seq_id, r in prompt_rows.items()},
+        )

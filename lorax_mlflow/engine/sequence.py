@@ -1,0 +1,67 @@
+"""One generated sequence: its tokens, KV blocks, adapter slot and sampling state."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lorax_mlflow.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lorax_mlflow.engine.request import Request
+
+_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A prompt plus what has been generated for it so far.
+
+    ``num_cached_tokens`` counts tokens whose K/V are already in the paged cache; the next step
+    feeds ``token_ids[num_cached_tokens:]``. Preemption (recompute) resets it to 0.
+    """
+
+    request: "Request"
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    grammar: Any = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    lora_slot: int = -1
+    finish_reason: str | None = None
+    cumulative_logprob: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

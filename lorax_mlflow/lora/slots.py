@@ -1,0 +1,71 @@
+"""Device slots: which adapters are resident in the stacked MultiLoraLinear weights.
+
+LRU over ``max_loras`` slots; a slot is pinned by every running sequence that uses it and is only
+evicted when nothing pins it. Called from the engine thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+
+from lorax_mlflow.adapters.weights import LoraWeights
+from lorax_mlflow.lora.layers import MultiLoraLinear
+
+logger = logging.getLogger(__name__)
+
+
+class DeviceSlots:
+    def __init__(self, layers: dict[str, MultiLoraLinear], max_loras: int) -> None:
+        self.layers = layers
+        self.max_loras = max_loras
+        self.resident: OrderedDict[str, int] = OrderedDict()
+        self.refs = [0] * max_loras
+        self.ranks = [0] * max_loras
+        self.evictions = 0
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for r in self.refs if r > 0)
+
+    def lookup(self, key: str) -> int | None:
+        slot = self.resident.get(key)
+        if slot is not None:
+            self.resident.move_to_end(key)
+        return slot
+
+    def place(self, key: str, weights: LoraWeights) -> int | None:
+        """Write `weights` into a free or evictable slot; None when every slot is pinned."""
+        slot = self._free_slot()
+        if slot is None:
+            return None
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                a, b = weights.a.get(name), weights.b.get(name)
+                layer.set_slot(slot, a, b)
+        self.resident[key] = slot
+        self.ranks[slot] = weights.rank
+        logger.debug("adapter %s -> slot %d", key, slot)
+        return slot
+
+    def _free_slot(self) -> int | None:
+        used = set(self.resident.values())
+        for slot in range(self.max_loras):
+            if slot not in used:
+                return slot
+        for key, slot in self.resident.items():  # least recently used first
+            if self.refs[slot] == 0:
+                del self.resident[key]
+                self.evictions += 1
+                logger.debug("evicting adapter %s from slot %d", key, slot)
+                return slot
+        return None
+
+    def pin(self, slot: int) -> None:
+        self.refs[slot] += 1
+
+    def unpin(self, slot: int) -> None:
+        assert self.refs[slot] > 0, f"slot {slot} released more often than acquired"
+        self.refs[slot] -= 1
