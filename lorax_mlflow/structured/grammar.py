@@ -1,0 +1,150 @@
+"""Compiled JSON grammars (one per distinct schema) and the per-sequence matchers that walk them."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import torch
+import xgrammar as xgr
+
+from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.structured.response_format import PARAM, ResponseFormat
+
+logger = logging.getLogger(__name__)
+
+FREE_JSON_OBJECT_SCHEMA = {"type": "object"}
+_XGRAMMAR_LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
+
+
+class TokenRejectedError(RuntimeError):
+    """A token outside the grammar's mask reached accept(): the mask was not applied to that row."""
+
+
+class RequestGrammar:
+    """The grammar state of one generated sequence: its next-token mask, and advancing by a token."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher, special_tokens_keep_mask: torch.Tensor | None) -> None:
+        self._matcher = matcher
+        self._keep_mask = special_tokens_keep_mask
+
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """Write the allowed next tokens into row `index` of an int32 [B, ceil(V/32)] CPU bitmask."""
+        self._matcher.fill_next_token_bitmask(bitmask, index)
+        if self._keep_mask is not None:
+            bitmask[index].bitwise_and_(self._keep_mask)
+
+    def accept(self, token_id: int) -> None:
+        if not self._matcher.accept_token(int(token_id)):
+            raise TokenRejectedError(f"token {token_id} is not allowed by the response_format grammar here")
+
+    def is_terminated(self) -> bool:
+        """True once the JSON is complete and the stop token that ends it was accepted."""
+        return self._matcher.is_terminated()
+
+    def fork(self) -> RequestGrammar:
+        """An independent copy of this state (for sequences that share a prompt, n > 1)."""
+        return RequestGrammar(self._matcher.fork(), self._keep_mask)
+
+
+def _special_tokens_keep_mask(tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> torch.Tensor | None:
+    """A bitmask row that clears special tokens other than the stop tokens.
+
+    xgrammar reads special added tokens such as ``<|im_start|>`` as their literal text, so it would
+    allow them inside JSON strings; decoding with ``skip_special_tokens`` would then drop them and
+    change the string the grammar checked (its length, an enum value).
+    """
+    special = {token_id for token_id, added in tokenizer.added_tokens_decoder.items() if added.special}
+    special.update(tokenizer.all_special_ids)
+    forbidden = sorted(t for t in special - set(stop_token_ids) if 0 <= t < vocab_size)
+    if not forbidden:
+        return None
+    words = [0xFFFFFFFF] * math.ceil(vocab_size / 32)
+    for token_id in forbidden:
+        words[token_id // 32] &= ~(1 << (token_id % 32)) & 0xFFFFFFFF
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+
+def _compile_error_message(error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return _XGRAMMAR_LOG_PREFIX.sub("", first_line)
+
+
+class GrammarCache:
+    """Compiles each distinct response format once (keyed by its canonical JSON) and hands out matchers.
+
+    Whitespace between JSON tokens is fixed (``", "`` and ``": "``, no newlines), so a model cannot
+    stall emitting spaces; EOS is allowed only once the JSON is complete. Thread-safe: compiling
+    happens under a lock, so concurrent requests with the same schema compile it once.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        max_grammars: int = 256,
+    ) -> None:
+        """`vocab_size` is the model's logits width (may exceed len(tokenizer)). `stop_token_ids`
+        defaults to the tokenizer's EOS; pass the model's full EOS list when it has several."""
+        if stop_token_ids is None and tokenizer.eos_token_id is not None:
+            stop_token_ids = [tokenizer.eos_token_id]
+        stop_token_ids = list(stop_token_ids) if stop_token_ids else None
+        self.vocab_size = vocab_size
+        self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
+        )
+        self._compiler = xgr.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
+        self._keep_mask = _special_tokens_keep_mask(tokenizer, vocab_size, self._tokenizer_info.stop_token_ids)
+        self._max_grammars = max_grammars
+        self._grammars: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self._tokenizer_info.stop_token_ids)
+
+    def compiled(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:
+        """The compiled grammar for `fmt`; raises InvalidRequestError if xgrammar cannot compile it."""
+        key = fmt.cache_key
+        with self._lock:
+            grammar = self._grammars.get(key)
+            if grammar is not None:
+                self._grammars.move_to_end(key)
+                self.hits += 1
+                return grammar
+            self.misses += 1
+            grammar = self._compile(fmt)
+            self._grammars[key] = grammar
+            if len(self._grammars) > self._max_grammars:
+                self._grammars.popitem(last=False)
+            return grammar
+
+    def matcher(self, fmt: ResponseFormat) -> RequestGrammar:
+        return RequestGrammar(xgr.GrammarMatcher(self.compiled(fmt)), self._keep_mask)
+
+    def _compile(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:
+        started = time.perf_counter()
+        try:
+            if fmt.schema is None:
+                grammar = self._compiler.compile_json_schema(
+                    FREE_JSON_OBJECT_SCHEMA, any_whitespace=False, strict_mode=False
+                )
+            else:
+                grammar = self._compiler.compile_json_schema(
+                    dict(fmt.schema), any_whitespace=False, strict_mode=fmt.strict
+                )
+        except RuntimeError as e:
+            raise InvalidRequestError(
+                f"{PARAM}: the JSON schema is not supported: {_compile_error_message(e)}", param=PARAM
+            ) from e
+        logger.debug("compiled %s grammar in %.1f ms", fmt.type, 1000 * (time.perf_counter() - started))
+        return grammar
