@@ -39,6 +39,15 @@ class AdapterRequest:
     merged_adapters: MergeSpec | None = None
 
 
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter the caller may use: its cache key (None = base model) and local folder."""
+
+    key: str | None
+    adapter_id: str = ""
+    folder: Path | None = None
+
+
 @dataclass
 class AdapterStats:
     loads: int = 0
@@ -82,24 +91,29 @@ class AdapterCache:
     def is_base(self, adapter_id: str) -> bool:
         return adapter_id in ("", self.base_model_name)
 
-    def resolve(self, request: AdapterRequest) -> str | None:
-        """Check access, fetch to disk if needed, start loading; return the cache key (None = base)."""
+    def resolve(self, request: AdapterRequest) -> ResolvedAdapter:
+        """Check access, fetch to disk if needed and start loading the weights (off this thread)."""
         if request.merged_adapters is not None:
             spec = request.merged_adapters
             for adapter_id in spec.ids:
                 self.resolve(AdapterRequest(adapter_id, request.adapter_source, request.api_token))
             key = f"merge:{spec.recipe_key()}"
             self._start_load(key, lambda: self._load_merged(spec, request))
-            return key
+            return ResolvedAdapter(key, adapter_id=key)
         if self.is_base(request.adapter_id):
-            return None
+            return ResolvedAdapter(None)
         key, folder = self._locate(request)
         self._start_load(key, lambda: self._load_folder(key, folder, request.adapter_id))
-        return key
+        return ResolvedAdapter(key, adapter_id=request.adapter_id, folder=folder)
 
-    def adapter_folder(self, key: str | None) -> Path | None:
-        """The local folder of an adapter (for its own tokenizer/chat template), if it has one."""
-        return None if key is None else self._folders.get(key)
+    def wait_loaded(self, resolved: ResolvedAdapter, timeout: float | None = None) -> None:
+        """Block until the adapter's weights are in host memory; raise its load error, if any."""
+        if resolved.key is None:
+            return
+        with self._lock:
+            future = self._loading.get(resolved.key)
+        if future is not None:
+            future.result(timeout=timeout)
 
     def known_adapter_ids(self) -> list[str]:
         with self._lock:

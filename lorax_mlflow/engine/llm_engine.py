@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from lorax_mlflow.adapters.cache import AdapterCache, AdapterRequest
+from lorax_mlflow.adapters.cache import AdapterCache, AdapterRequest, ResolvedAdapter
 from lorax_mlflow.adapters.sources import AdapterSources
 from lorax_mlflow.default_model import cache_root
 from lorax_mlflow.engine.block_manager import BlockManager, blocks_needed
@@ -119,7 +119,7 @@ class LLMEngine:
         self,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        adapter: AdapterRequest | None = None,
+        adapter: ResolvedAdapter | AdapterRequest | None = None,
         *,
         request_id: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
@@ -127,8 +127,8 @@ class LLMEngine:
         """Validate and enqueue a request; errors that can be known now are raised here."""
         params.validate(self.runner.vocab_size)
         self._check_length(prompt_token_ids, params)
-        adapter = adapter or AdapterRequest()
-        adapter_key = self.adapters.resolve(adapter)
+        if not isinstance(adapter, ResolvedAdapter):
+            adapter = self.adapters.resolve(adapter or AdapterRequest())
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, self.abort, loop)
         request = Request(
@@ -136,7 +136,7 @@ class LLMEngine:
             prompt_token_ids=list(prompt_token_ids),
             params=params,
             stream=stream,
-            adapter_key=adapter_key,
+            adapter_key=adapter.key,
             adapter_id=adapter.adapter_id or None,
         )
         grammar = self._grammar_for(params)

@@ -1,0 +1,97 @@
+"""LoraxChatModel: the engine behind MLflow's ChatModel interface (predict, predict_stream)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.types.llm import ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChatParams
+
+from lorax_mlflow import openai_format
+from lorax_mlflow.errors import LoraxError
+from lorax_mlflow.service import LoraxService
+
+logger = logging.getLogger(__name__)
+
+
+def to_mlflow_error(error: LoraxError) -> MlflowException:
+    code = {404: RESOURCE_DOES_NOT_EXIST, 503: INTERNAL_ERROR}.get(error.status, INVALID_PARAMETER_VALUE)
+    return MlflowException(error.message, error_code=code)
+
+
+class LoraxChatModel(mlflow.pyfunc.ChatModel):
+    """Multi-LoRA chat model. Choose the adapter per request with ``custom_inputs.adapter_id``.
+
+    Every LoRAX/OpenAI extension that MLflow's ChatParams does not know (adapter_source,
+    merged_adapters, api_token, response_format, seed, min_p, logprobs, ...) travels in
+    ``custom_inputs``.
+    """
+
+    def __init__(self) -> None:
+        self.service: LoraxService | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from lorax_mlflow.loading import build_engine
+
+        engine = build_engine(context.model_config or {}, context.artifacts or {})
+        self.service = LoraxService(engine.start())
+
+    def _body(self, messages: list[ChatMessage], params: ChatParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "messages": [{k: v for k, v in m.to_dict().items() if v is not None} for m in messages]
+        }
+        for key, value in params.to_dict().items():
+            if key not in ("custom_inputs", "stream", "tools") and value is not None:
+                body[key] = value
+        if params.tools:
+            raise to_mlflow_error(LoraxError("tools are not supported by this model", param="tools"))
+        body.update(params.custom_inputs or {})
+        if body.get("top_k") == 0:  # MLflow clients send 0 for "unset"
+            body.pop("top_k")
+        return body
+
+    def _service(self) -> LoraxService:
+        if self.service is None:
+            raise MlflowException("the model is not loaded: load_context() was not called", error_code=INTERNAL_ERROR)
+        return self.service
+
+    def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
+        service = self._service()
+        body = self._body(messages, params)
+        try:
+            prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
+            output = service.submit(prepared).result()
+        except LoraxError as error:
+            raise to_mlflow_error(error) from error
+        response = openai_format.chat_completion(
+            output, model=prepared.model, created=int(time.time()), tokenizer=service.engine.tokenizer
+        )
+        return ChatCompletionResponse.from_dict(response)
+
+    def predict_stream(
+        self, context, messages: list[ChatMessage], params: ChatParams
+    ) -> Generator[ChatCompletionChunk, None, None]:
+        service = self._service()
+        body = self._body(messages, params)
+        try:
+            prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
+            stream = service.submit(prepared)
+        except LoraxError as error:
+            raise to_mlflow_error(error) from error
+        created = int(time.time())
+        first = True
+        try:
+            for output in stream:
+                choices = openai_format.chat_delta_choices(output, service.engine.tokenizer, first=first)
+                first = False
+                if choices:
+                    yield ChatCompletionChunk.from_dict(
+                        openai_format.chat_chunk(output.request_id, prepared.model, created, choices)
+                    )
+        except LoraxError as error:
+            raise to_mlflow_error(error) from error

@@ -1,0 +1,102 @@
+"""Requests in OpenAI/LoRAX shape -> engine submissions, shared by the ChatModel and the server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lorax_mlflow.adapters.cache import ResolvedAdapter
+from lorax_mlflow.chat.templates import ChatTemplates
+from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.engine.sampling_params import SamplingParams
+from lorax_mlflow.engine.stream import RequestStream
+from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.translate import adapter_request, sampling_params
+
+
+@dataclass
+class PreparedRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: ResolvedAdapter
+    model: str
+    """What to echo in the response's `model` field."""
+    prompt_text: str | None = None
+    """For completions with echo."""
+
+
+class LoraxService:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.templates = ChatTemplates(engine.tokenizer)
+
+    @property
+    def base_model_name(self) -> str:
+        return self.engine.base_model_name
+
+    def _adapter(self, body: Mapping[str, Any], model_field: str | None, bearer_token: str | None) -> ResolvedAdapter:
+        return self.engine.adapters.resolve(adapter_request(body, model_field=model_field, bearer_token=bearer_token))
+
+    def prepare_chat(
+        self, body: Mapping[str, Any], *, model_field: str | None = None, bearer_token: str | None = None
+    ) -> PreparedRequest:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise InvalidRequestError("messages must be a list of chat messages", param="messages")
+        adapter = self._adapter(body, model_field, bearer_token)
+        prompt = self.templates.render(
+            messages,
+            adapter.folder,
+            add_generation_prompt=body.get("add_generation_prompt", True),
+            chat_template=body.get("chat_template"),
+            chat_template_kwargs=body.get("chat_template_kwargs"),
+        )
+        params = sampling_params(body, prompt_len=len(prompt), max_model_len=self.engine.max_model_len)
+        return PreparedRequest(prompt, params, adapter, model=model_field or self.base_model_name)
+
+    def prepare_completions(
+        self, body: Mapping[str, Any], *, model_field: str | None = None, bearer_token: str | None = None
+    ) -> list[PreparedRequest]:
+        """One prepared request per prompt (str, list of str, token ids, or list of token id lists)."""
+        adapter = self._adapter(body, model_field, bearer_token)
+        tokenizer = self.templates.tokenizer_for(adapter.folder)
+        prepared = []
+        for prompt in _prompts(body.get("prompt")):
+            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            params = sampling_params(body, prompt_len=len(ids), max_model_len=self.engine.max_model_len, completions=True)
+            text = None
+            if body.get("echo"):
+                text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+            prepared.append(PreparedRequest(ids, params, adapter, model=model_field or self.base_model_name,
+                                            prompt_text=text))
+        return prepared
+
+    def prepare_generate(self, inputs: str, parameters: SamplingParams, body: Mapping[str, Any],
+                         bearer_token: str | None = None) -> PreparedRequest:
+        """LoRAX /generate: raw text prompt, parameters already mapped to SamplingParams."""
+        adapter = self._adapter(body, None, bearer_token)
+        tokenizer = self.templates.tokenizer_for(adapter.folder)
+        return PreparedRequest(tokenizer.encode(inputs), parameters, adapter, model=adapter.adapter_id or self.base_model_name)
+
+    def submit(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        return self.engine.submit(prepared.prompt_token_ids, prepared.params, prepared.adapter, loop=loop)
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    def is_ids(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+        return list(prompt)
+    raise InvalidRequestError(
+        "prompt must be a string, a list of strings, a list of token ids, or a list of token id lists",
+        param="prompt",
+    )

@@ -1,0 +1,90 @@
+"""A mixed batch over several adapters plus the base model equals PEFT with each adapter alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from tests.helpers import ALL_TARGETS
+from tests.engine_support import PROMPTS, adapter, encode, greedy, hf_greedy, load_hf, make_engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, adapter_root, tiny_adapters):
+    engine = make_engine(tiny_model_dir, adapter_roots=[adapter_root])
+    yield engine
+    engine.shutdown()
+
+
+def peft_greedy(model_dir, adapter_dir, prompt, max_tokens):
+    model = PeftModel.from_pretrained(load_hf(model_dir), adapter_dir).eval()
+    return hf_greedy(model, prompt, max_tokens)
+
+
+def test_mixed_batch_over_three_adapters_and_base_equals_peft_one_at_a_time(engine, tiny_model_dir, tiny_adapters):
+    cases = [(name, encode(tiny_model_dir, PROMPTS[i])) for i, name in enumerate(["a", "b", "c", None, "a"])]
+    streams = [
+        engine.submit(prompt, greedy(12), adapter(str(tiny_adapters[name])) if name else None)
+        for name, prompt in cases
+    ]
+    base = load_hf(tiny_model_dir)
+    for (name, prompt), stream in zip(cases, streams):
+        expected = peft_greedy(tiny_model_dir, tiny_adapters[name], prompt, 12) if name else hf_greedy(base, prompt, 12)
+        assert stream.result().outputs[0].token_ids == expected, f"adapter {name}"
+    assert all(r == 0 for r in engine.slots.refs), "every adapter slot is released"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_adapters_change_the_output(engine, tiny_model_dir, tiny_adapters):
+    prompt = encode(tiny_model_dir, PROMPTS[0])
+    outputs = {
+        name: engine.submit(prompt, greedy(10, ignore_eos=True), adapter(str(path)) if path else None)
+        .result().outputs[0].token_ids
+        for name, path in [("base", None), *tiny_adapters.items()]
+    }
+    assert len({tuple(v) for v in outputs.values()}) == len(outputs)
+
+
+def test_more_adapters_than_slots_evicts_and_stays_correct(tiny_model_dir, adapter_root, tiny_adapters):
+    engine = make_engine(tiny_model_dir, adapter_roots=[adapter_root], max_loras=2)
+    try:
+        prompt = encode(tiny_model_dir, PROMPTS[1])
+        names = ["a", "b", "c", "b", "a", "c"]
+        streams = [engine.submit(prompt, greedy(8), adapter(str(tiny_adapters[n]))) for n in names]
+        results = [s.result().outputs[0].token_ids for s in streams]
+        for name, tokens in zip(names, results):
+            assert tokens == peft_greedy(tiny_model_dir, tiny_adapters[name], prompt, 8)
+        assert engine.slots.evictions >= 1
+        assert all(r == 0 for r in engine.slots.refs)
+    finally:
+        engine.shutdown()
+
+
+def test_lora_layer_equals_peft_module_for_the_same_adapter(tiny_model_dir, tiny_adapters):
+    """One projection: MultiLoraLinear routed to a slot equals PEFT's LoRA module for that adapter."""
+    from lorax_kernels import make_lora_meta
+    from lorax_mlflow.adapters.peft_format import load_peft_adapter
+    from lorax_mlflow.lora.layers import MultiLoraLinear
+    from lorax_mlflow.lora.routing import LoraRouting, lora_routing
+
+    peft_model = PeftModel.from_pretrained(load_hf(tiny_model_dir), tiny_adapters["b"]).eval()
+    peft_q = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    name = "model.layers.1.self_attn.q_proj"
+    model = load_hf(tiny_model_dir)
+    base_modules = {
+        n: (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ALL_TARGETS
+    }
+    weights = load_peft_adapter(tiny_adapters["b"], "b", base_modules, max_rank=16, target_modules=ALL_TARGETS)
+    base = model.get_submodule(name)
+    layer = MultiLoraLinear(base, max_loras=3, max_rank=16)
+    layer.set_slot(2, weights.a[name], weights.b[name])
+
+    x = torch.randn(5, base.in_features)
+    slots = torch.tensor([2, -1, 2, 2, -1])  # two tokens without adapter
+    with torch.no_grad(), lora_routing(LoraRouting(make_lora_meta(slots, 3), 16)):
+        got = layer(x)
+        expected = torch.where((slots >= 0)[:, None], peft_q(x), base(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
