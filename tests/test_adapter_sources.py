@@ -209,7 +209,9 @@ def test_global_hf_token_is_ignored_unless_enabled(hub, tmp_path, monkeypatch):
     enabled.check_access(location, None)
 
 
-@pytest.mark.parametrize("adapter_id,match", [("org/missing", "not found on the hub"), ("org/public@v9", "no revision 'v9'")])
+@pytest.mark.parametrize(
+    "adapter_id,match", [("org/missing", "not found on the hub"), ("org/public@v9", "no revision 'v9'")]
+)
 def test_hub_unknown_repo_or_revision_is_not_found(adapter_id, match, sources):
     with pytest.raises(AdapterNotFoundError, match=match):
         sources.fetch(parse_adapter_id(adapter_id))
@@ -296,7 +298,9 @@ def test_s3_refetch_downloads_only_changed_objects_and_drops_deleted_ones(s3, tm
     assert not (folder / "README.md").exists()
 
 
-@pytest.mark.parametrize("uri", ["s3://{bucket}/team/missing", "s3://{bucket}/team/a/adapter", "s3://no-such-bucket-here/a"])
+@pytest.mark.parametrize(
+    "uri", ["s3://{bucket}/team/missing", "s3://{bucket}/team/a/adapter", "s3://no-such-bucket-here/a"]
+)
 def test_s3_missing_prefix_or_bucket_is_not_found(uri, s3, tmp_path):
     _, bucket = s3
     with pytest.raises(AdapterNotFoundError) as info:

@@ -136,7 +136,8 @@ def test_dare_is_reproducible_for_a_seed():
 
 
 def test_merge_keeps_the_adapters_dtype():
-    x = LoraWeights("x", 1, {MODULE: torch.ones(1, 4, dtype=torch.bfloat16)}, {MODULE: torch.ones(4, 1, dtype=torch.bfloat16)})
+    ones = torch.ones(1, 4, dtype=torch.bfloat16)
+    x = LoraWeights("x", 1, {MODULE: ones}, {MODULE: ones.T.clone()})
     merged = merge_adapters([x, x], MergeSpec(ids=("x", "x"), merge_strategy="ties"))
     assert merged.a[MODULE].dtype == merged.b[MODULE].dtype == torch.bfloat16
 

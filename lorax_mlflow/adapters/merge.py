@@ -97,7 +97,11 @@ class MergeSpec:
 
     def recipe_key(self) -> str:
         """A stable key for the merged result; recipes that merge identically share it."""
-        recipe: dict = {"ids": list(self.ids), "weights": list(self.effective_weights()), "strategy": self.merge_strategy}
+        recipe: dict = {
+            "ids": list(self.ids),
+            "weights": list(self.effective_weights()),
+            "strategy": self.merge_strategy,
+        }
         if self.merge_strategy != "linear":
             recipe["density"] = self.density
         if self.merge_strategy.endswith("ties"):

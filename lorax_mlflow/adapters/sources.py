@@ -146,7 +146,8 @@ class AdapterSources:
         self.hf_cache_dir = str(hf_cache_dir) if hf_cache_dir is not None else None
         self.hub_endpoint = hub_endpoint or os.environ.get("HF_ENDPOINT") or None
         if hub_offline is None:
-            hub_offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+            offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+            hub_offline = constants.is_offline_mode() or offline_env
         self.hub_offline = hub_offline
         self._lock = threading.Lock()
         self._s3_lock = threading.Lock()
@@ -295,7 +296,9 @@ class AdapterSources:
         if status in (401, 403):
             if token:
                 return AdapterForbiddenError(f"adapter {repo_id!r}: the hub rejected the token")
-            return AdapterAuthError(f"adapter {repo_id!r} was not found or is private: pass an api_token that can read it")
+            return AdapterAuthError(
+                f"adapter {repo_id!r} was not found or is private: pass an api_token that can read it"
+            )
         if isinstance(exc, LocalEntryNotFoundError):
             return AdapterNotFoundError(
                 f"adapter {repo_id!r}{'@' + revision if revision else ''} is not in the local hub cache "

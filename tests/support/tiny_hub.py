@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
-_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<action>revision|tree)/(?P<rev>[^/]+)(?:/.*)?|/(?P<auth>auth-check))?$")
+_API = re.compile(
+    r"^/api/models/(?P<repo>[^/]+/[^/]+)"
+    r"(?:/(?P<action>revision|tree)/(?P<rev>[^/]+)(?:/.*)?|/(?P<auth>auth-check))?$"
+)
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -48,7 +51,7 @@ class TinyHub:
         self.requests: list[tuple[str, str, str | None]] = []
         """(method, path, bearer token) of every request served."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -93,7 +96,8 @@ class TinyHub:
                     return self._error(401, None, "Invalid credentials in Authorization header", send_body)
                 if repo.access_tokens and token not in repo.access_tokens:
                     if repo.gated:
-                        return self._error(403 if token else 401, "GatedRepo", "access to this repo is restricted", send_body)
+                        status = 403 if token else 401
+                        return self._error(status, "GatedRepo", "access to this repo is restricted", send_body)
                     return self._error(401 if token is None else 404, "RepoNotFound", "repository not found", send_body)
                 revision = match["rev"]
                 if revision is not None and revision not in ("main", repo.sha):
