@@ -95,3 +95,12 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
                     )
         except LoraxError as error:
             raise to_mlflow_error(error) from error
+
+
+def unwrap_chat_model(pyfunc_model: mlflow.pyfunc.PyFuncModel) -> LoraxChatModel:
+    """The LoraxChatModel behind a loaded pyfunc model (MLflow wraps ChatModels without `python_model`)."""
+    impl = pyfunc_model._model_impl  # the ChatModel wrapper exposes the instance only here
+    chat_model = getattr(impl, "chat_model", None) or getattr(impl, "python_model", None)
+    if not isinstance(chat_model, LoraxChatModel):
+        raise MlflowException(f"not a lorax-mlflow model: {type(chat_model).__name__}", error_code=INVALID_PARAMETER_VALUE)
+    return chat_model
