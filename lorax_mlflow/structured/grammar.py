@@ -59,7 +59,8 @@ def _special_tokens_keep_mask(tokenizer, vocab_size: int, stop_token_ids: Iterab
     allow them inside JSON strings; decoding with ``skip_special_tokens`` would then drop them and
     change the string the grammar checked (its length, an enum value).
     """
-    special = {token_id for token_id, added in tokenizer.added_tokens_decoder.items() if added.special}
+    added_tokens = getattr(tokenizer, "added_tokens_decoder", {})
+    special = {token_id for token_id, added in added_tokens.items() if added.special}
     special.update(tokenizer.all_special_ids)
     forbidden = sorted(t for t in special - set(stop_token_ids) if 0 <= t < vocab_size)
     if not forbidden:
