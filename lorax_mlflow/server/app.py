@@ -1,0 +1,54 @@
+"""The FastAPI application: OpenAI, LoRAX and MLflow routes over one LoraxService, plus health and metrics."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from lorax_mlflow import __version__
+from lorax_mlflow.server.errors import install_error_handlers
+from lorax_mlflow.server.lorax_routes import lorax_router
+from lorax_mlflow.server.metrics import CONTENT_TYPE, ServerMetrics
+from lorax_mlflow.server.mlflow_routes import mlflow_router
+from lorax_mlflow.server.model_source import ModelHolder, ModelSource
+from lorax_mlflow.server.openai_routes import openai_router
+
+
+def create_app(source: ModelSource) -> FastAPI:
+    """An app serving `source`: a LoraxService, a ServedModel, or a loader returning a ServedModel.
+
+    A loader runs in a background thread once the app starts; until it returns, /health and every
+    other route answer 503.
+    """
+    holder = ModelHolder(source)
+    metrics = ServerMetrics(lambda: holder.service if holder.ready else None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        holder.start_loading()
+        yield
+
+    app = FastAPI(title="lorax-mlflow", version=__version__, lifespan=lifespan,
+                  description="Multi-LoRA serving: OpenAI-compatible, LoRAX-native and MLflow routes")
+    app.state.holder = holder
+    install_error_handlers(app)
+    app.include_router(openai_router(holder, metrics))
+    app.include_router(lorax_router(holder, metrics))
+    app.include_router(mlflow_router(holder, metrics))
+
+    @app.get("/health", tags=["Operations"])
+    async def health():
+        """200 once the model is loaded; 503 while it loads (or if loading failed)."""
+        if holder.ready:
+            return {"status": "ok"}
+        if holder.load_error is not None:
+            return JSONResponse({"status": "failed", "error": str(holder.load_error)}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics", tags=["Operations"])
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,95 @@
+"""Error responses: OpenAI's shape on the OpenAI routes, LoRAX's on /generate*, MLflow's on /invocations.
+
+FastAPI's own 422 shape never reaches a client: request validation failures (including malformed
+JSON) become 400s in the route family's shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorax_mlflow.errors import InvalidRequestError, LoraxError
+
+logger = logging.getLogger(__name__)
+
+LORAX_ROUTES = ("/", "/generate", "/generate_stream")
+_LORAX_ERROR_TYPES = {400: "validation", 401: "authentication", 403: "authentication", 404: "not_found",
+                      503: "unavailable"}
+
+
+class HTTPStatusError(LoraxError):
+    """An HTTP-level failure (unknown route, wrong method, internal error) in the routes' error shapes."""
+
+    def __init__(self, message: str, *, status: int, type_: str, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.type = type_
+
+
+def lorax_error_body(error: LoraxError) -> dict[str, str]:
+    """LoRAX's `{"error", "error_type"}`; lorax-client maps error_type "validation" to its ValidationError."""
+    return {"error": error.message, "error_type": _LORAX_ERROR_TYPES.get(error.status, "generation")}
+
+
+def mlflow_error_body(error: LoraxError) -> dict[str, str]:
+    code = {404: "RESOURCE_DOES_NOT_EXIST", 503: "TEMPORARILY_UNAVAILABLE"}.get(error.status, "INVALID_PARAMETER_VALUE")
+    return {"error_code": code, "message": error.message}
+
+
+def error_response(request: Request, error: LoraxError) -> JSONResponse:
+    path = request.url.path
+    if path in LORAX_ROUTES:
+        body: dict[str, Any] = lorax_error_body(error)
+    elif path == "/invocations":
+        body = mlflow_error_body(error)
+    else:
+        body = error.to_openai()
+    return JSONResponse(body, status_code=error.status)
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    """The first pydantic error as a 400 naming the parameter (dotted path inside the body)."""
+    first = exc.errors()[0] if exc.errors() else {"type": "value_error", "loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type")
+    if kind == "json_invalid":
+        return InvalidRequestError(f"malformed JSON in the request body: {first.get('msg')}", code="invalid_json")
+    if kind == "missing" and not loc:
+        return InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+    if kind == "extra_forbidden":
+        return InvalidRequestError(f"unsupported parameter: {param}", param=param, code="unsupported_parameter")
+    if kind == "missing":
+        return InvalidRequestError(f"missing required parameter: {param}", param=param)
+    return InvalidRequestError(f"invalid value for {param}: {first.get('msg')}", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoraxError)
+    async def on_lorax_error(request: Request, exc: LoraxError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        not_found = exc.status_code == 404
+        error = HTTPStatusError(str(exc.detail), status=exc.status_code,
+                                type_="not_found_error" if not_found else "invalid_request_error",
+                                code="not_found" if not_found else None)
+        return error_response(request, error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s", request.url.path)
+        error = HTTPStatusError(f"internal server error: {exc}", status=500, type_="internal_error",
+                                code="internal_error")
+        return error_response(request, error)

@@ -1,0 +1,221 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from lorax_mlflow import openai_format
+from lorax_mlflow.engine.outputs import RequestOutput
+from lorax_mlflow.errors import LoraxError
+from lorax_mlflow.server.common import bearer_token, off_loop, running_loop
+from lorax_mlflow.server.completions_format import choice_index, summed_usage, text_completion
+from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
+from lorax_mlflow.server.model_source import ModelHolder
+from lorax_mlflow.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
+from lorax_mlflow.server.sse import DONE, SSE_HEADERS, merged, sse_event
+from lorax_mlflow.service import LoraxService, PreparedRequest
+
+logger = logging.getLogger(__name__)
+
+
+def _log_user(body: GenerationFields, route: str) -> None:
+    if body.user:
+        logger.info("%s request from user %r", route, body.user)
+
+
+def _include_usage(body: GenerationFields) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+async def _submit_all(service: LoraxService, prepared: list[PreparedRequest]):
+    loop = running_loop()
+    streams = []
+    try:
+        for item in prepared:
+            streams.append(await off_loop(service.submit, item, loop))
+    except LoraxError:
+        for stream in streams:
+            stream.abort()
+        raise
+    return streams
+
+
+async def _finals(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[RequestOutput]:
+    finals: dict[int, RequestOutput] = {}
+    async for index, output in outputs:
+        if output.finished:
+            finals[index] = output
+    return [finals[i] for i in range(count)]
+
+
+def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
+    router = APIRouter(tags=["OpenAI"])
+
+    async def prepare(record: RequestRecord, make: Any) -> tuple[LoraxService, list[PreparedRequest], list]:
+        try:
+            service = holder.service
+            prepared = await off_loop(make, service)
+            prepared = prepared if isinstance(prepared, list) else [prepared]
+            record.adapter = prepared[0].adapter.adapter_id or "base"
+            streams = await _submit_all(service, prepared)
+        except LoraxError as error:
+            record.close(error.status)
+            raise
+        return service, prepared, streams
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _log_user(body, "chat")
+        record = metrics.request("chat")
+        token = bearer_token(request)
+        service, (prepared,), streams = await prepare(
+            record, lambda s: s.prepare_chat(body.to_body(), model_field=body.model, bearer_token=token)
+        )
+        created = int(time.time())
+        tokenizer = service.engine.tokenizer
+        if body.stream:
+            return StreamingResponse(
+                _chat_events(merged(streams), prepared, created, _include_usage(body), tokenizer, record),
+                media_type="text/event-stream", headers=SSE_HEADERS,
+            )
+        try:
+            (output,) = await _finals(merged(streams), 1)
+        except LoraxError as error:
+            record.close(error.status)
+            raise
+        record.output(output)
+        record.close(200)
+        return openai_format.chat_completion(output, model=prepared.model, created=created, tokenizer=tokenizer)
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _log_user(body, "completions")
+        record = metrics.request("completions")
+        token = bearer_token(request)
+        service, prepared, streams = await prepare(
+            record, lambda s: s.prepare_completions(body.to_body(), model_field=body.model, bearer_token=token)
+        )
+        created = int(time.time())
+        tokenizer = service.engine.tokenizer
+        if body.stream:
+            return StreamingResponse(
+                _completion_events(merged(streams), prepared, body, created, tokenizer, record),
+                media_type="text/event-stream", headers=SSE_HEADERS,
+            )
+        try:
+            finals = await _finals(merged(streams), len(streams))
+        except LoraxError as error:
+            record.close(error.status)
+            raise
+        choices = []
+        n = prepared[0].params.n
+        for prompt_index, (item, output) in enumerate(zip(prepared, finals)):
+            record.output(output)
+            for choice in output.outputs:
+                choices.append(openai_format.text_completion_choice(
+                    choice, index=choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
+                    prompt_text=item.prompt_text, prompt_logprobs=output.prompt_logprobs, suffix=body.suffix,
+                ))
+        record.close(200)
+        return text_completion(finals[0].request_id, prepared[0].model, created, choices, summed_usage(finals))
+
+    @router.get("/v1/models")
+    async def models():
+        service = holder.service
+        created = int(time.time())
+        base = service.base_model_name
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "lorax-mlflow", "root": base,
+                 "parent": None}]
+        for adapter_id in service.engine.adapters.known_adapter_ids():
+            data.append({"id": adapter_id, "object": "model", "created": created, "owned_by": "lorax-mlflow",
+                         "root": adapter_id, "parent": base})
+        return {"object": "list", "data": data}
+
+    return router
+
+
+async def _chat_events(
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    prepared: PreparedRequest,
+    created: int,
+    include_usage: bool,
+    tokenizer,
+    record: RequestRecord,
+) -> AsyncIterator[str]:
+    status = 499  # client closed the stream before the end
+    first = True
+    last: RequestOutput | None = None
+    try:
+        try:
+            async for _, output in outputs:
+                last = output
+                choices = openai_format.chat_delta_choices(output, tokenizer, first=first)
+                first = False
+                if choices:
+                    yield sse_event(openai_format.chat_chunk(output.request_id, prepared.model, created, choices))
+            assert last is not None
+            record.output(last)
+            if include_usage:
+                yield sse_event(openai_format.chat_chunk(
+                    last.request_id, prepared.model, created, [], openai_format.usage(last)
+                ))
+            status = 200
+        except LoraxError as error:
+            status = error.status
+            yield sse_event(error.to_openai())
+        yield DONE
+    finally:
+        record.close(status)
+
+
+async def _completion_events(
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    prepared: list[PreparedRequest],
+    body: CompletionRequest,
+    created: int,
+    tokenizer,
+    record: RequestRecord,
+) -> AsyncIterator[str]:
+    status = 499
+    n = prepared[0].params.n
+    started: set[tuple[int, int]] = set()
+    finals: dict[int, RequestOutput] = {}
+    request_id = None
+    try:
+        try:
+            async for prompt_index, output in outputs:
+                request_id = request_id or output.request_id
+                choices = []
+                for choice in output.outputs:
+                    key = (prompt_index, choice.index)
+                    is_first = key not in started
+                    started.add(key)
+                    echo = prepared[prompt_index].prompt_text if is_first else None
+                    if not (choice.delta_text or choice.finish_reason or echo is not None or choice.delta_logprobs):
+                        continue
+                    choices.append(openai_format.text_completion_choice(
+                        choice, index=choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
+                        prompt_text=echo, prompt_logprobs=output.prompt_logprobs if echo is not None else None,
+                        suffix=body.suffix, delta=True,
+                    ))
+                if output.finished:
+                    finals[prompt_index] = output
+                    record.output(output)
+                if choices:
+                    yield sse_event(text_completion(request_id, prepared[0].model, created, choices, None))
+            if _include_usage(body):
+                ordered = [finals[i] for i in range(len(prepared))]
+                yield sse_event(text_completion(request_id, prepared[0].model, created, [], summed_usage(ordered)))
+            status = 200
+        except LoraxError as error:
+            status = error.status
+            yield sse_event(error.to_openai())
+        yield DONE
+    finally:
+        record.close(status)

@@ -1,0 +1,145 @@
+"""Request bodies of every route, as pydantic models (they also make the OpenAPI schema).
+
+The models check shapes and types; ranges and cross-field rules live in one place,
+`translate.sampling_params` / `SamplingParams.validate`, shared with the ChatModel. Unknown
+fields are rejected (400), as OpenAI does, except `user`, which is accepted and only logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def to_body(self) -> dict[str, Any]:
+        """Plain dict of the fields the client set (None = not set), for the shared translation."""
+        return self.model_dump(exclude_none=True, by_alias=True)
+
+
+class MergedAdapters(_Body):
+    ids: list[str]
+    weights: list[float] | None = None
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] | None = None
+    density: float | None = None
+    majority_sign_method: Literal["total", "frequency"] | None = None
+
+
+class LoraxExtensions(_Body):
+    """LoRAX's per-request adapter fields, accepted at the top level of the OpenAI routes."""
+
+    adapter_source: Literal["hub", "local", "s3"] | None = None
+    api_token: str | None = None
+    merged_adapters: MergedAdapters | None = None
+
+
+class GenerationFields(LoraxExtensions):
+    """Generation parameters shared by chat and completions (OpenAI names plus vLLM's extras)."""
+
+    model: str = ""
+    """Adapter id; "" or the base model's name selects the base model."""
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int | None = None
+    best_of: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    response_format: dict[str, Any] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    """Accepted and recorded in the log only."""
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class ResponseFormatLorax(_Body):
+    type: Literal["json_object", "json_schema", "text"]
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    json_schema: dict[str, Any] | None = None
+
+
+class GenerateParameters(_Body):
+    """LoRAX's /generate parameters, as the published lorax-client sends them."""
+
+    adapter_id: str | None = None
+    adapter_source: Literal["hub", "local", "s3"] | None = None
+    merged_adapters: MergedAdapters | None = None
+    api_token: str | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    ignore_eos_token: bool = False
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    return_full_text: bool = False
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    truncate: int | None = None
+    best_of: int | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = None
+    response_format: ResponseFormatLorax | None = None
+
+
+class GenerateRequest(_Body):
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+
+
+GenerationFields.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
