@@ -20,7 +20,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def chat_prompt(tokenizer) -> list[int]:
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)["input_ids"])
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    return list(encoded["input_ids"])
 
 
 def stream(tokenizer, ids, prompt=(), **params) -> tuple[list[str], IncrementalDetokenizer]:
@@ -93,7 +94,9 @@ def test_special_tokens_skipped_by_default(tokenizer, chat_prompt):
 
 def test_special_tokens_kept_without_spaces_match_decode(tokenizer, chat_prompt):
     ids = tokenizer.encode("<|im_start|>assistant\nSure.<|im_end|><|im_end|>")
-    pieces, detok = stream(tokenizer, ids, chat_prompt, skip_special_tokens=False, spaces_between_special_tokens=False)
+    pieces, detok = stream(
+        tokenizer, ids, chat_prompt, skip_special_tokens=False, spaces_between_special_tokens=False
+    )
     assert detok.text == "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=False)
 
 

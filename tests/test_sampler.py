@@ -11,7 +11,6 @@ from scipy.stats import chi2
 
 from lorax_mlflow.engine.sampler import Sampler
 from lorax_mlflow.engine.sampling_params import SamplingParams
-from lorax_mlflow.structured import allocate_token_bitmask
 
 VOCAB = 12
 EOS = {2, 9}
@@ -209,7 +208,8 @@ def test_batched_rows_match_each_row_alone():
 def test_padded_vocabulary_columns_are_never_sampled_or_counted():
     padded = torch.tensor([LOGITS + [50.0, 50.0, 50.0, 50.0]])
     sampler = Sampler(VOCAB, EOS, seed=0)
-    for row in [make_row(temperature=0.0), make_row(temperature=1.5, logprobs=3), make_row(temperature=0.0, top_k=2)]:
+    rows = [make_row(temperature=0.0), make_row(temperature=1.5, logprobs=3), make_row(ignore_eos=True, top_k=2)]
+    for row in rows:
         out = sampler(padded, [row])
         assert out.token_ids.item() < VOCAB
         expected = torch.log_softmax(torch.tensor(LOGITS), dim=-1)[out.token_ids.item()]
@@ -266,7 +266,6 @@ def test_grammar_rows_are_masked_and_free_rows_untouched():
     sampling = make_row()
     sampling.grammar = AllowOnly({0, 5, 8})
     assert support(sampler.probabilities(logits[:1], [sampling])[0].tolist()) == {0, 5, 8}
-    assert allocate_token_bitmask(1, VOCAB).shape == (1, 1)
 
 
 # ---- frequencies ---------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def truncate_sorted_(
 
     Each filter sets the logits it drops to -inf and the next filter sees the renormalised
     survivors (as chained HF warpers do). A filter given as None is off for every row; per row,
-    top_k >= V, top_p == 1, min_p == 0 and typical_p == 1 mean off. Every filter keeps the most
-    likely token, so a row never loses all its candidates here.
+    top_k >= V, top_p == 1, min_p == 0 and typical_p == 1 mean off. Every filter keeps at least one
+    token, so a row never loses all its candidates here.
     """
     vocab = sorted_logits.shape[-1]
     if top_k is not None:

@@ -151,8 +151,10 @@ class Sampler:
         if not (any(wants_repetition) or any(wants_output_penalty)):
             return
         device = logits.device
-        outputs = [list(row.output_token_ids) if rep or out else [] for row, rep, out in
-                   zip(rows, wants_repetition, wants_output_penalty)]
+        outputs = [
+            row.output_token_ids if rep or out else []
+            for row, rep, out in zip(rows, wants_repetition, wants_output_penalty)
+        ]
         output_counts = lp.token_count_matrix(outputs, self.vocab_size, device)
         if any(wants_repetition):
             prompts = [row.prompt_token_ids if rep else [] for row, rep in zip(rows, wants_repetition)]
