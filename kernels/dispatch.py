@@ -38,5 +38,9 @@ def resolve_backend(tensor: torch.Tensor, backend: str | None = None) -> str:
 
 
 def backend_module(tensor: torch.Tensor, backend: str | None = None) -> ModuleType:
-    name = resolve_backend(tensor, backend)
+    return _load_backend(resolve_backend(tensor, backend))
+
+
+@cache
+def _load_backend(name: str) -> ModuleType:
     return importlib.import_module(".triton_sgmv" if name == "triton" else ".torch_ops", __package__)

@@ -29,6 +29,8 @@ class LoraBatchMeta:
       segment_first_tokens  first token index of each segment when its tokens form one contiguous
                             run of the batch (the usual case: one request = one run), else -1;
                             lets the torch path use plain slices instead of gather/scatter.
+    segment_tokens          per segment, its token indices (views of sorted_token_indices), made
+                            once here so layers do not re-slice them.
     """
 
     num_tokens: int
@@ -41,6 +43,7 @@ class LoraBatchMeta:
     segment_starts_host: tuple[int, ...]
     segment_counts_host: tuple[int, ...]
     segment_first_tokens: tuple[int, ...]
+    segment_tokens: tuple[torch.Tensor, ...]
 
     @property
     def num_segments(self) -> int:
@@ -53,11 +56,6 @@ class LoraBatchMeta:
     @property
     def device(self) -> torch.device:
         return self.sorted_token_indices.device
-
-    def segment_token_indices(self, segment: int) -> torch.Tensor:
-        """Token indices of one segment (a view into `sorted_token_indices`, no sync)."""
-        start = self.segment_starts_host[segment]
-        return self.sorted_token_indices[start : start + self.segment_counts_host[segment]]
 
 
 def make_lora_meta(
@@ -95,10 +93,11 @@ def make_lora_meta(
     first_tokens = tuple(
         _first_token_if_contiguous(sorted_tokens[start : start + count]) for start, count in zip(starts_host, counts_host)
     )
+    device_sorted_tokens = sorted_tokens.to(target_device)
     return LoraBatchMeta(
         num_tokens=slots.numel(),
         num_slots=num_slots,
-        sorted_token_indices=sorted_tokens.to(target_device),
+        sorted_token_indices=device_sorted_tokens,
         segment_slots=segment_slots.to(target_device, torch.int32),
         segment_starts=segment_starts.to(target_device, torch.int32),
         segment_counts=segment_counts.to(target_device, torch.int32),
@@ -106,6 +105,9 @@ def make_lora_meta(
         segment_starts_host=starts_host,
         segment_counts_host=counts_host,
         segment_first_tokens=first_tokens,
+        segment_tokens=tuple(
+            device_sorted_tokens[start : start + count] for start, count in zip(starts_host, counts_host)
+        ),
     )
 
 

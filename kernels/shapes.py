@@ -29,19 +29,19 @@ def check_shrink_args(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: L
 
 
 def check_expand_args(
-    v: torch.Tensor, b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta, y: torch.Tensor
+    v_shape: Sequence[int], b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta, y: torch.Tensor
 ) -> list[int]:
-    """Returns the output width of each slice."""
-    if v.dim() != 3 or v.shape[0] != len(b_stacks) or v.shape[1] != meta.num_tokens:
+    """Checks the operands of an expand from a v of shape v_shape; returns each slice's output width."""
+    if len(v_shape) != 3 or v_shape[0] != len(b_stacks) or v_shape[1] != meta.num_tokens:
         raise ValueError(
-            f"v must be [{len(b_stacks)} slices, {meta.num_tokens} tokens, r], got shape {tuple(v.shape)}"
+            f"v must be [{len(b_stacks)} slices, {meta.num_tokens} tokens, r], got shape {tuple(v_shape)}"
         )
     if y.dim() != 2 or y.shape[0] != meta.num_tokens:
         raise ValueError(f"y must be [{meta.num_tokens} tokens, out], got shape {tuple(y.shape)}")
     widths = []
     for b_stack in b_stacks:
-        if b_stack.dim() != 3 or b_stack.shape[2] != v.shape[2]:
-            raise ValueError(f"every B stack must be [slots, out, r={v.shape[2]}], got {tuple(b_stack.shape)}")
+        if b_stack.dim() != 3 or b_stack.shape[2] != v_shape[2]:
+            raise ValueError(f"every B stack must be [slots, out, r={v_shape[2]}], got {tuple(b_stack.shape)}")
         if b_stack.shape[0] < meta.num_slots:
             raise ValueError(f"B stack has {b_stack.shape[0]} slots but the meta addresses {meta.num_slots}")
         if b_stack.dtype != y.dtype or b_stack.device != y.device:

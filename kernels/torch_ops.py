@@ -5,6 +5,7 @@ one with its B, scatter-add into y. A segment whose tokens form one contiguous r
 (the usual case) uses slices instead of gather/scatter. Tokens without an adapter cost nothing.
 v is float32 whatever the input dtype; fp16/bf16 operands are upcast per segment, so both
 products accumulate in float32 and y is rounded once, when the update is added.
+On CPU the cost is mostly per-op overhead, so `add_lora` (one slice) skips materialising v.
 """
 
 from __future__ import annotations
@@ -22,40 +23,58 @@ def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBat
     rank = a_stacks[0].shape[1]
     v = torch.zeros(len(a_stacks), x.shape[0], rank, dtype=torch.float32, device=x.device)
     for segment, slot in enumerate(meta.segment_slots_host):
-        first = meta.segment_first_tokens[segment]
-        if first >= 0:
-            rows = slice(first, first + meta.segment_counts_host[segment])
-            x_rows = x[rows].float()
-            for s, a_stack in enumerate(a_stacks):
-                torch.matmul(x_rows, a_stack[slot].float().T, out=v[s, rows])
-        else:
-            tokens = meta.segment_token_indices(segment)
-            x_rows = x.index_select(0, tokens).float()
-            for s, a_stack in enumerate(a_stacks):
-                v[s].index_copy_(0, tokens, x_rows @ a_stack[slot].float().T)
+        rows = _segment_rows(meta, segment)
+        x_rows = _gather(x, rows).float()
+        for s, a_stack in enumerate(a_stacks):
+            _scatter_copy(v[s], rows, x_rows @ a_stack[slot].float().T)
     return v
 
 
 def lora_expand(
     v: torch.Tensor, b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta, y: torch.Tensor
 ) -> None:
-    widths = check_expand_args(v, b_stacks, meta, y)
+    widths = check_expand_args(v.shape, b_stacks, meta, y)
     offsets = [sum(widths[:s]) for s in range(len(widths))]
+    y_slices = [y[:, offset : offset + width] for offset, width in zip(offsets, widths)]
     for segment, slot in enumerate(meta.segment_slots_host):
-        first = meta.segment_first_tokens[segment]
-        tokens = meta.segment_token_indices(segment) if first < 0 else None
-        rows = slice(first, first + meta.segment_counts_host[segment])
+        rows = _segment_rows(meta, segment)
         for s, b_stack in enumerate(b_stacks):
-            columns = slice(offsets[s], offsets[s] + widths[s])
-            v_rows = v[s, rows] if tokens is None else v[s].index_select(0, tokens)
-            update = (v_rows.float() @ b_stack[slot].float().T).to(y.dtype)
-            if tokens is None:
-                y[rows, columns] += update
-            else:
-                y[:, columns].index_add_(0, tokens, update)
+            update = _gather(v[s], rows).float() @ b_stack[slot].float().T
+            _scatter_add(y_slices[s], rows, update.to(y.dtype))
 
 
 def add_lora(
     y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, meta: LoraBatchMeta
 ) -> None:
-    lora_expand(lora_shrink(x, [a_stack], meta), [b_stack], meta, y)
+    check_shrink_args(x, [a_stack], meta)
+    check_expand_args((1, meta.num_tokens, a_stack.shape[1]), [b_stack], meta, y)
+    for segment, slot in enumerate(meta.segment_slots_host):
+        rows = _segment_rows(meta, segment)
+        v_rows = _gather(x, rows).float() @ a_stack[slot].float().T
+        _scatter_add(y, rows, (v_rows @ b_stack[slot].float().T).to(y.dtype))
+
+
+def _segment_rows(meta: LoraBatchMeta, segment: int) -> slice | torch.Tensor:
+    """The segment's rows: a slice when they are one contiguous run, else an index tensor."""
+    first = meta.segment_first_tokens[segment]
+    if first >= 0:
+        return slice(first, first + meta.segment_counts_host[segment])
+    return meta.segment_tokens[segment]
+
+
+def _gather(source: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    return source[rows] if isinstance(rows, slice) else source.index_select(0, rows)
+
+
+def _scatter_copy(target: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        target[rows] = values
+    else:
+        target.index_copy_(0, rows, values)
+
+
+def _scatter_add(target: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        target[rows] += values
+    else:
+        target.index_add_(0, rows, values)

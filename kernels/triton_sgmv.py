@@ -194,7 +194,7 @@ def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBat
 def lora_expand(
     v: torch.Tensor, b_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta, y: torch.Tensor
 ) -> None:
-    widths = check_expand_args(v, b_stacks, meta, y)
+    widths = check_expand_args(v.shape, b_stacks, meta, y)
     _check_meta_device(meta, y)
     _check_contiguous(b_stacks, "B")
     if v.dtype != torch.float32 or v.stride(2) != 1:

@@ -180,9 +180,13 @@ def test_torch_path_matches_reference(case, dtype):
     check_shrink_and_expand(case, dtype, device="cpu", backend="torch")
 
 
+ADD_LORA_CASES = [case for case in KERNEL_CASES if len(case.out_features) == 1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_torch_add_lora_matches_reference(dtype):
-    check_add_lora(KERNEL_CASES[0], dtype, device="cpu", backend="torch")
+@pytest.mark.parametrize("case", ADD_LORA_CASES, ids=lambda case: case.name)
+def test_torch_add_lora_matches_reference(case, dtype):
+    check_add_lora(case, dtype, device="cpu", backend="torch")
 
 
 def test_without_meta_shrink_is_zero_and_y_is_untouched():

@@ -1,0 +1,155 @@
+"""Multi-adapter LoRA shrink+expand: lorax_kernels against a bytes-moved floor and two baselines.
+
+For each projection shape, token count T and number of adapters in the batch, times one
+`add_lora` (shrink + expand, in place into y) on Llama-3-8B shapes at rank 16, and compares it with
+  floor     bytes the op must move (x, active A and B slots, y read+write) / measured copy bandwidth
+  loop      PEFT-style mixed batch: for each adapter present, pick its tokens, x @ A^T @ B^T, add back
+  gather    gather every token's A and B, then two bmm's
+Tokens are spread evenly over the adapters in shuffled order (requests need not be contiguous).
+Every method's result is checked against the kernel's before timing.
+
+    python benchmarks/kernels.py                 # CUDA if available (fp16), else CPU (fp32)
+    python benchmarks/kernels.py --device cpu --small   # hidden sizes / 4: ~1-2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lorax_kernels import add_lora, make_lora_meta, resolve_backend
+
+LLAMA3_8B_SHAPES = [(4096, 4096), (4096, 14336)]  # q/o projections, gate/up projections
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
+    """Wall time of one call in milliseconds (CUDA events on GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    fn()
+    return (time.perf_counter() - began) * 1e3
+
+
+def median_ms(methods: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median time of each method; the methods take turns, so a busy machine slows them alike."""
+    for fn in methods.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            samples[name].append(elapsed_ms(fn, device))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def copy_bandwidth_bytes_per_ms(device: torch.device, repeats: int) -> float:
+    """Read+write bandwidth of a large tensor copy, the memory floor any kernel has to respect."""
+    numel = 64 * 2**20  # 256 MiB of fp32
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms({"copy": lambda: dst.copy_(src)}, device, repeats, warmup=2)["copy"]
+    return 2 * src.numel() * src.element_size() / ms
+
+
+def peft_style_loop(y, x, a_stack, b_stack, token_lora, adapters) -> None:
+    for adapter in adapters:
+        tokens = torch.nonzero(token_lora == adapter).flatten()
+        y.index_add_(0, tokens, (x[tokens] @ a_stack[adapter].T) @ b_stack[adapter].T)
+
+
+def gather_bmm(y, x, a_stack, b_stack, token_lora) -> None:
+    v = torch.bmm(a_stack[token_lora], x[:, :, None])  # [T, r, 1]
+    y += torch.bmm(b_stack[token_lora], v)[:, :, 0]
+
+
+def bench_one(in_f, out_f, num_tokens, num_adapters, rank, dtype, device, bandwidth, repeats) -> dict:
+    generator = torch.Generator().manual_seed(num_tokens * 131 + num_adapters)
+    a_stack = (torch.randn(num_adapters, rank, in_f, generator=generator) * in_f**-0.5).to(device, dtype)
+    b_stack = (torch.randn(num_adapters, out_f, rank, generator=generator) * rank**-0.5).to(device, dtype)
+    x = torch.randn(num_tokens, in_f, generator=generator).to(device, dtype)
+    y = torch.zeros(num_tokens, out_f, device=device, dtype=dtype)
+    token_lora = (torch.arange(num_tokens) % num_adapters)[torch.randperm(num_tokens, generator=generator)].to(device)
+    adapters = sorted(set(token_lora.tolist()))
+    meta = make_lora_meta(token_lora, num_adapters)
+
+    def ours() -> None:
+        add_lora(y, x, a_stack, b_stack, meta)
+
+    def loop() -> None:
+        peft_style_loop(y, x, a_stack, b_stack, token_lora, adapters)
+
+    def gather() -> None:
+        gather_bmm(y, x, a_stack, b_stack, token_lora)
+
+    methods = {"ours": ours, "loop": loop, "gather": gather}
+    check_same_result(list(methods.values()), y)
+    element = x.element_size()
+    bytes_moved = element * (
+        num_tokens * in_f + len(adapters) * rank * (in_f + out_f) + 2 * num_tokens * out_f
+    ) + 4 * 2 * num_tokens * rank  # float32 v written and read back
+    return {**median_ms(methods, device, repeats, warmup=2), "floor": bytes_moved / bandwidth}
+
+
+def check_same_result(methods: list[Callable[[], None]], y: torch.Tensor) -> None:
+    results = []
+    for method in methods:
+        y.zero_()
+        method()
+        results.append(y.float().clone())
+    scale = results[0].abs().max().item()
+    for result in results[1:]:
+        error = (result - results[0]).abs().max().item()
+        if error > 2e-2 * max(scale, 1.0):
+            raise AssertionError(f"baseline disagrees with the kernel: max error {error:.3g} (scale {scale:.3g})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--small", action="store_true", help="hidden sizes / 4 (for CPU runs)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 50 on CUDA, 9 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    repeats = args.repeats or (50 if device.type == "cuda" else 9)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [(i // 4, o // 4) for i, o in LLAMA3_8B_SHAPES] if args.small else LLAMA3_8B_SHAPES
+    bandwidth = copy_bandwidth_bytes_per_ms(device, repeats)
+    backend = resolve_backend(torch.empty(0, device=device))
+    print(f"device={device} dtype={dtype} rank={args.rank} backend={backend} threads={torch.get_num_threads()} "
+          f"copy bandwidth={bandwidth / 1e6:.1f} GB/s")
+    header = f"| {'in->out':>11} | {'T':>5} | {'adapters':>8} | {'ours ms':>8} | {'floor ms':>8} | {'ours/floor':>10} | {'loop ms':>8} | {'loop/ours':>9} | {'gather+bmm ms':>13} | {'gather/ours':>11} |"
+    print(header)
+    print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+    for in_f, out_f in shapes:
+        for num_tokens in args.tokens:
+            for num_adapters in args.adapters:
+                t = bench_one(in_f, out_f, num_tokens, num_adapters, args.rank, dtype, device, bandwidth, repeats)
+                print(
+                    f"| {f'{in_f}->{out_f}':>11} | {num_tokens:>5} | {num_adapters:>8} | {t['ours']:>8.3f} | "
+                    f"{t['floor']:>8.3f} | {t['ours'] / t['floor']:>10.2f} | {t['loop']:>8.3f} | "
+                    f"{t['loop'] / t['ours']:>9.2f} | {t['gather']:>13.3f} | {t['gather'] / t['ours']:>11.2f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
