@@ -161,7 +161,7 @@ def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBat
     num_slices = len(a_stacks)
     _, rank, in_features = a_stacks[0].shape
     v = torch.zeros(num_slices, x.shape[0], rank, dtype=torch.float32, device=x.device)
-    config = shrink_config(meta.max_segment_tokens, rank, in_features)
+    config = shrink_config(meta.segment_counts_host, num_slices, rank, in_features)
     grid = (triton.cdiv(meta.max_segment_tokens, config.block_m), config.split_k, meta.num_segments * num_slices)
     _shrink_kernel[grid](
         x,
