@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorax_mlflow.chat_model import LoraxChatModel
 from lorax_mlflow.errors import EngineUnavailableError
 from lorax_mlflow.service import LoraxService
 
@@ -18,14 +17,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServedModel:
     service: LoraxService
-    chat_model: LoraxChatModel
-    """Answers /invocations exactly as `mlflow models serve` would."""
-
-    @classmethod
-    def from_service(cls, service: LoraxService) -> "ServedModel":
-        chat_model = LoraxChatModel()
-        chat_model.service = service
-        return cls(service, chat_model)
+    predict: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """The loaded pyfunc model's predict: answers /invocations exactly as `mlflow models serve` does
+    (schema enforcement included). None when serving a bare LoraxService."""
 
 
 def load_served_model(model_uri: str, model_config: dict[str, Any] | None = None) -> ServedModel:
@@ -35,8 +29,7 @@ def load_served_model(model_uri: str, model_config: dict[str, Any] | None = None
     from lorax_mlflow.chat_model import unwrap_chat_model
 
     pyfunc_model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
-    chat_model = unwrap_chat_model(pyfunc_model)
-    return ServedModel(chat_model.service, chat_model)
+    return ServedModel(unwrap_chat_model(pyfunc_model).service, pyfunc_model.predict)
 
 
 ModelSource = LoraxService | ServedModel | Callable[[], ServedModel]
@@ -51,7 +44,7 @@ class ModelHolder:
         self._thread: threading.Thread | None = None
         self.load_error: BaseException | None = None
         if isinstance(source, LoraxService):
-            self._model = ServedModel.from_service(source)
+            self._model = ServedModel(source)
         elif isinstance(source, ServedModel):
             self._model = source
         else:
