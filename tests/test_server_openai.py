@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -377,3 +381,43 @@ def test_openapi_schema_lists_every_route(server):
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/generate_stream",
                  "/invocations", "/health", "/metrics"):
         assert path in paths
+
+
+# ----- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_serves_a_model_uri_and_its_engine_flags_win_over_the_environment(model_path, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "LORAX_MAX_MODEL_LEN": "64", "LORAX_MAX_LORAS": "2"}
+    command = [sys.executable, "-m", "lorax_mlflow.cli", "serve", "-m", str(model_path), "--port", str(port),
+               "--max-model-len", "128", "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read().decode()
+        client = openai.OpenAI(api_key="EMPTY", base_url=url + "/v1", max_retries=0)
+        assert client.chat.completions.create(model="a", messages=HELLO, max_tokens=3).choices
+        with pytest.raises(openai.BadRequestError) as caught:  # the flag (128), not the env (64) or the model (256)
+            client.completions.create(model="", prompt="hi", max_tokens=200)
+        assert "maximum context length is 128" in caught.value.body["message"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_cli_help_lists_serve_and_the_engine_flags():
+    result = subprocess.run([sys.executable, "-m", "lorax_mlflow.cli", "serve", "--help"], capture_output=True,
+                            text=True, check=True)
+    for flag in ("--model-uri", "--kv-cache-bytes", "--max-loras", "--max-lora-rank", "--adapter-root", "--dtype",
+                 "--device", "--max-num-batched-tokens", "--max-model-len", "LORAX_MAX_LORAS"):
+        assert flag in result.stdout

@@ -1,0 +1,113 @@
+"""`lorax-mlflow`: command-line entry point (`lorax-mlflow serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# flag -> EngineConfig field; each is also read from LORAX_<FIELD> by EngineConfig.with_env_overrides.
+ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget of one engine step"),
+    "--max-num-seqs": ("max_num_seqs", int, "most sequences decoding at once"),
+    "--kv-cache-bytes": ("kv_cache_bytes", int, "KV cache budget in bytes"),
+    "--max-loras": ("max_loras", int, "adapters resident on the device at once"),
+    "--max-lora-rank": ("max_lora_rank", int, "largest adapter rank accepted"),
+    "--max-model-len": ("max_model_len", int, "context window in tokens"),
+    "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
+    "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
+}
+
+
+def env_name(field: str) -> str:
+    return f"LORAX_{field.upper()}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorax-mlflow", description="Multi-LoRA LLM serving packaged as an MLflow model.")
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an MLflow model over OpenAI-compatible, LoRAX and MLflow routes",
+        description="Load an MLflow lorax-mlflow model in this process and serve /v1/chat/completions, "
+        "/v1/completions, /v1/models, /generate, /generate_stream, /invocations, /health and /metrics. "
+        "Engine flags override the model's engine config and their LORAX_* environment variables.",
+    )
+    serve.add_argument("-m", "--model-uri", help="any MLflow model URI (path, runs:/, models:/name@alias); "
+                       "default: the embedded SmolLM2-135M-Instruct with the demo adapters")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    for flag, (field, kind, text) in ENGINE_FLAGS.items():
+        serve.add_argument(flag, type=kind, dest=field, help=f"{text} (env {env_name(field)})")
+    serve.add_argument("--adapter-root", action="append", dest="adapter_roots", metavar="DIR",
+                       help=f"folder that requests may name local adapters from; repeatable "
+                       f"(env {env_name('adapter_roots')}, {os.pathsep}-separated)")
+    return parser
+
+
+def apply_engine_flags(args: argparse.Namespace) -> None:
+    """Write the given flags to their LORAX_* variables, so that flags > environment > model config."""
+    for field, _kind, _text in ENGINE_FLAGS.values():
+        value = getattr(args, field)
+        if value is not None:
+            os.environ[env_name(field)] = str(value)
+    if args.adapter_roots:
+        os.environ[env_name("adapter_roots")] = os.pathsep.join(str(Path(r).resolve()) for r in args.adapter_roots)
+
+
+def default_model_path() -> Path:
+    """The embedded default model with the demo adapters, saved once as an MLflow model in the cache."""
+    from filelock import FileLock
+
+    import lorax_mlflow
+    from lorax_mlflow.default_model import cache_root
+    from lorax_mlflow.demo_adapters import ensure_demo_adapters
+
+    target = cache_root() / "default-model"
+    if (target / "MLmodel").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "MLmodel").exists():
+            adapters = ensure_demo_adapters()
+            staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            logger.info("saving the default model with adapters %s to %s", sorted(adapters), target)
+            lorax_mlflow.save_model(staging, adapters=adapters)
+            staging.rename(target)
+    return target
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lorax_mlflow.server import create_app, load_served_model
+
+    apply_engine_flags(args)
+    model_uri = args.model_uri
+
+    def load():
+        return load_served_model(model_uri or str(default_model_path()))
+
+    app = create_app(load)
+    logger.info("serving %s on http://%s:%d", model_uri or "the embedded default model", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
