@@ -4,12 +4,14 @@ Both kernels walk the segment table of a `LoraBatchMeta`: program axis 2 enumera
 (segment, slice) pairs, axis 0 blocks of the segment's tokens (read through the sorted token
 indices, so a segment's tokens need not be contiguous in the batch). Tokens without an adapter
 belong to no segment and are never touched. Several slices (e.g. q, k, v) run in one launch: their
-weight base pointers, output widths and column offsets travel as small int64 tensors.
+weight base pointers, strides, output widths and column offsets travel as small int64 tables.
 
 shrink: v[s, t, :r] = x[t] @ A_s[slot]^T, split-K over in_features (float32 atomics when split).
 expand: y[t, off_s : off_s + out_s] += v[s, t] @ B_s[slot]^T, read-modify-write of y in place.
 v is float32. Rank is padded to a power of two >= 16 and masked, so any rank works (4, 8, 48, 128).
-Weights must be contiguous stacks [slots, r, in] / [slots, out, r] (device slot buffers are).
+Weight stacks [slots, r, in] / [slots, out, r] may be strided views (e.g. a rank slice of a
+larger slot buffer) as long as their last dimension is dense; each slice's pointer and strides
+travel in its row of the table.
 
 Set TRITON_INTERPRET=1 before this module is imported to run the kernels on CPU tensors.
 """
@@ -27,10 +29,15 @@ from .meta import LoraBatchMeta
 from .shapes import check_expand_args, check_shrink_args
 
 
+# Per-slice weight tables (int64, one row per slice): where each stack lives and how it is strided.
+A_TABLE_COLUMNS: tl.constexpr = tl.constexpr(3)  # base pointer, slot stride, rank-row stride
+B_TABLE_COLUMNS: tl.constexpr = tl.constexpr(5)  # base pointer, slot stride, out-row stride, out width, y column offset
+
+
 @triton.jit
 def _shrink_kernel(
     x_ptr,
-    a_ptr_table,
+    a_table,
     v_ptr,
     sorted_tokens_ptr,
     segment_slots_ptr,
@@ -40,8 +47,6 @@ def _shrink_kernel(
     rank,
     stride_xt,
     stride_xk,
-    stride_al,
-    stride_ar,
     stride_vs,
     stride_vt,
     NUM_SLICES: tl.constexpr,
@@ -66,7 +71,9 @@ def _shrink_kernel(
     tokens = tl.load(sorted_tokens_ptr + start + offs_m, mask=mask_m, other=0)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < rank
-    a_base = tl.load(a_ptr_table + slice_id).to(tl.pointer_type(x_ptr.dtype.element_ty)) + slot * stride_al
+    a_entry = a_table + slice_id * A_TABLE_COLUMNS
+    stride_ar = tl.load(a_entry + 2)
+    a_base = tl.load(a_entry).to(tl.pointer_type(x_ptr.dtype.element_ty)) + slot * tl.load(a_entry + 1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, in_features, SPLIT_K * BLOCK_K):
@@ -95,9 +102,7 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     v_ptr,
-    b_ptr_table,
-    out_widths_ptr,
-    out_offsets_ptr,
+    b_table,
     y_ptr,
     sorted_tokens_ptr,
     segment_slots_ptr,
@@ -119,12 +124,13 @@ def _expand_kernel(
     segment = tl.program_id(2) // NUM_SLICES
     slice_id = tl.program_id(2) % NUM_SLICES
     count = tl.load(segment_counts_ptr + segment)
-    out_width = tl.load(out_widths_ptr + slice_id)
+    b_entry = b_table + slice_id * B_TABLE_COLUMNS
+    out_width = tl.load(b_entry + 3)
     if (pid_m * BLOCK_M >= count) | (pid_n * BLOCK_N >= out_width):
         return
     start = tl.load(segment_starts_ptr + segment)
     slot = tl.load(segment_slots_ptr + segment).to(tl.int64)
-    out_offset = tl.load(out_offsets_ptr + slice_id)
+    out_offset = tl.load(b_entry + 4)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
@@ -139,10 +145,11 @@ def _expand_kernel(
         mask=mask_m[:, None] & mask_k[None, :],
         other=0.0,
     )
-    # B[slot] is a contiguous [out_width, rank] matrix; load its transpose [BLOCK_K, BLOCK_N].
-    b_base = tl.load(b_ptr_table + slice_id).to(tl.pointer_type(y_ptr.dtype.element_ty)) + slot * out_width * rank
+    # B[slot] is [out_width, rank] with unit stride along rank; load its transpose [BLOCK_K, BLOCK_N].
+    stride_bn = tl.load(b_entry + 2)
+    b_base = tl.load(b_entry).to(tl.pointer_type(y_ptr.dtype.element_ty)) + slot * tl.load(b_entry + 1)
     b_tile = tl.load(
-        b_base + offs_n[None, :] * rank + offs_k[:, None],
+        b_base + offs_n[None, :] * stride_bn + offs_k[:, None],
         mask=mask_n[None, :] & mask_k[:, None],
         other=0.0,
     )
@@ -157,7 +164,7 @@ def _expand_kernel(
 def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBatchMeta) -> torch.Tensor:
     check_shrink_args(x, a_stacks, meta)
     _check_meta_device(meta, x)
-    _check_contiguous(a_stacks, "A")
+    _check_unit_inner_stride(a_stacks, "A")
     num_slices = len(a_stacks)
     _, rank, in_features = a_stacks[0].shape
     v = torch.zeros(num_slices, x.shape[0], rank, dtype=torch.float32, device=x.device)
@@ -165,7 +172,7 @@ def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBat
     grid = (triton.cdiv(meta.max_segment_tokens, config.block_m), config.split_k, meta.num_segments * num_slices)
     _shrink_kernel[grid](
         x,
-        _pointer_table(a_stacks),
+        _int64_table(tuple((a.data_ptr(), a.stride(0), a.stride(1)) for a in a_stacks), x.device),
         v,
         meta.sorted_token_indices,
         meta.segment_slots,
@@ -175,8 +182,6 @@ def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBat
         rank,
         x.stride(0),
         x.stride(1),
-        a_stacks[0].stride(0),
-        a_stacks[0].stride(1),
         v.stride(0),
         v.stride(1),
         NUM_SLICES=num_slices,
@@ -196,7 +201,7 @@ def lora_expand(
 ) -> None:
     widths = check_expand_args(v.shape, b_stacks, meta, y)
     _check_meta_device(meta, y)
-    _check_contiguous(b_stacks, "B")
+    _check_unit_inner_stride(b_stacks, "B")
     if v.dtype != torch.float32 or v.stride(2) != 1:
         v = v.float().contiguous()
     num_slices = len(b_stacks)
@@ -210,9 +215,10 @@ def lora_expand(
     )
     _expand_kernel[grid](
         v,
-        _pointer_table(b_stacks),
-        _int64_table(tuple(widths), y.device),
-        _int64_table(tuple(offsets), y.device),
+        _int64_table(
+            tuple((b.data_ptr(), b.stride(0), b.stride(1), width, offset) for b, width, offset in zip(b_stacks, widths, offsets)),
+            y.device,
+        ),
         y,
         meta.sorted_token_indices,
         meta.segment_slots,
@@ -246,29 +252,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 _table_cache: dict[tuple, torch.Tensor] = {}
-_TABLE_CACHE_SIZE = 256
+_TABLE_CACHE_SIZE = 1024
 
 
-def _int64_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Small per-slice tables, cached: slot buffers live for the whole run, so after the first step
-    of each layer no host->device copy is needed."""
-    key = (values, device)
+def _int64_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """A per-slice weight table on the device, cached by content: slot buffers live for the whole
+    run, so after the first step each layer finds its table without a host->device copy."""
+    key = (rows, device)
     table = _table_cache.get(key)
     if table is None:
         if len(_table_cache) >= _TABLE_CACHE_SIZE:
             _table_cache.clear()
-        table = torch.tensor(values, dtype=torch.int64, device=device)
+        table = torch.tensor(rows, dtype=torch.int64, device=device)
         _table_cache[key] = table
     return table
 
 
-def _pointer_table(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
-    return _int64_table(tuple(stack.data_ptr() for stack in stacks), stacks[0].device)
-
-
-def _check_contiguous(stacks: Sequence[torch.Tensor], name: str) -> None:
-    if not all(stack.is_contiguous() for stack in stacks):
-        raise ValueError(f"the Triton kernels need contiguous {name} stacks")
+def _check_unit_inner_stride(stacks: Sequence[torch.Tensor], name: str) -> None:
+    """Slot and row strides are free (a rank-sliced view of a larger buffer is fine); the last
+    dimension must be dense."""
+    if any(stack.stride(2) != 1 for stack in stacks):
+        raise ValueError(f"the Triton kernels need {name} stacks with unit stride in the last dimension")
 
 
 def _check_meta_device(meta: LoraBatchMeta, tensor: torch.Tensor) -> None:

@@ -38,6 +38,7 @@ class KernelCase:
     out_features: tuple[int, ...]  # one entry per slice, packed side by side in y
     rank: int
     slot_ranks: tuple[int, ...] | None = None  # None: every slot uses the full rank
+    buffer_rank: int | None = None  # weights are rank slices [:, :rank] of buffers this wide (as MultiLoraLinear passes)
 
 
 def _random_slots(num_tokens: int, num_slots: int, seed: int) -> tuple[int, ...]:
@@ -59,6 +60,7 @@ KERNEL_CASES = [
     KernelCase("slices_of_different_widths", _random_slots(10, 3, seed=6), 3, 64, (48, 16, 16), 8),
     KernelCase("split_k_over_long_input", _random_slots(7, 2, seed=7), 2, 520, (24,), 8),
     KernelCase("long_segments", _random_slots(150, 3, seed=8), 3, 48, (40, 24), 16),
+    KernelCase("rank_slice_of_wider_buffers", _random_slots(9, 3, seed=9), 3, 40, (24, 16), 8, buffer_rank=32),
 ]
 
 
@@ -88,10 +90,23 @@ def make_inputs(case: KernelCase, dtype: torch.dtype, device: str = "cpu", seed:
     return KernelInputs(
         token_lora=torch.tensor(case.token_lora, dtype=torch.int64, device=device),
         x=x.to(device, dtype),
-        a_stacks=[a.to(device, dtype) for a in a_stacks],
-        b_stacks=[b.to(device, dtype) for b in b_stacks],
+        a_stacks=[_as_rank_slice(a.to(device, dtype), 1, case.buffer_rank) for a in a_stacks],
+        b_stacks=[_as_rank_slice(b.to(device, dtype), 2, case.buffer_rank) for b in b_stacks],
         y=y.to(device, dtype),
     )
+
+
+def _as_rank_slice(stack: torch.Tensor, rank_dim: int, buffer_rank: int | None) -> torch.Tensor:
+    """The same values, as a non-contiguous view of a wider zero-padded buffer when buffer_rank is set."""
+    if buffer_rank is None:
+        return stack
+    shape = list(stack.shape)
+    rank, shape[rank_dim] = shape[rank_dim], buffer_rank
+    buffer = torch.full(shape, float("nan"), dtype=stack.dtype, device=stack.device)  # padding must never be read
+    view = buffer.narrow(rank_dim, 0, rank)
+    view.copy_(stack)
+    assert not view.is_contiguous()
+    return view
 
 
 def assert_matches_reference(got: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
