@@ -197,7 +197,7 @@ class LLMEngine:
             return None
         with self._grammar_lock:
             if self._grammars is None:
-                self._grammars = GrammarCache(self.tokenizer, self.runner.vocab_size)
+                self._grammars = GrammarCache(self.tokenizer, self.runner.vocab_size, stop_token_ids=sorted(self.eos_token_ids))
         return self._grammars.matcher(fmt)
 
     def stats(self) -> EngineStats:
