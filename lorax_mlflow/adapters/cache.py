@@ -12,9 +12,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,10 +51,21 @@ class ResolvedAdapter:
 
 @dataclass
 class AdapterStats:
+    """Counters for one adapter id (as requests name it), read by /metrics via `AdapterCache.adapter_stats`."""
+
+    requests: int = 0
+    """Requests that named the adapter and passed its access check."""
+    cache_hits: int = 0
+    """Of those, the requests that found its weights already loaded (host memory or a device slot)."""
     loads: int = 0
+    """Weight loads into host memory (first use, or again after an eviction)."""
+    load_failures: int = 0
     load_seconds: float = 0.0
-    host_hits: int = 0
-    slot_hits: int = 0
+    """Total wall time of the successful loads (divide by `loads` for the mean)."""
+    slot_placements: int = 0
+    """Copies of its weights into a device slot."""
+    host_evictions: int = 0
+    slot_evictions: int = 0
 
 
 class AdapterCache:
@@ -79,30 +91,44 @@ class AdapterCache:
         self.target_modules = target_modules
         self.host_cache_bytes = host_cache_bytes
         self.dtype = dtype
-        self.stats = AdapterStats()
         self._host: OrderedDict[str, LoraWeights] = OrderedDict()
         self._folders: dict[str, Path] = {}
+        self._fetch_locks: dict[str, threading.Lock] = {}
         self._loading: dict[str, Future] = {}
         self._loaders: dict[str, Callable[[], LoraWeights]] = {}
+        self._stats: dict[str, AdapterStats] = {}
+        self._key_ids: dict[str, str] = {}
+        """cache key -> the adapter id its stats are counted under."""
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        slots.on_evict = self._record_slot_eviction
 
     # ----- caller threads -------------------------------------------------------------------
     def is_base(self, adapter_id: str) -> bool:
         return adapter_id in ("", self.base_model_name)
 
     def resolve(self, request: AdapterRequest) -> ResolvedAdapter:
-        """Check access, fetch to disk if needed and start loading the weights (off this thread)."""
-        if request.merged_adapters is not None:
-            spec = request.merged_adapters
-            for adapter_id in spec.ids:
-                self.resolve(AdapterRequest(adapter_id, request.adapter_source, request.api_token))
+        """Check access, fetch to disk if needed and start loading the weights (off this thread).
+
+        A merged recipe checks access to and fetches each of its adapters, then loads and merges
+        them as one cache entry keyed by the recipe.
+        """
+        spec = request.merged_adapters
+        if spec is not None:
+            parts = [
+                (adapter_id, *self._locate(AdapterRequest(adapter_id, request.adapter_source, request.api_token)))
+                for adapter_id in spec.ids
+            ]
             key = f"merge:{spec.recipe_key()}"
-            self._start_load(key, lambda: self._load_merged(spec, request))
+            with self._lock:
+                self._key_ids[key] = key
+            self._count_request(key)
+            self._start_load(key, lambda: self._load_merged(key, spec, parts))
             return ResolvedAdapter(key, adapter_id=key)
         if self.is_base(request.adapter_id):
             return ResolvedAdapter(None)
         key, folder = self._locate(request)
+        self._count_request(key)
         self._start_load(key, lambda: self._load_folder(key, folder, request.adapter_id))
         return ResolvedAdapter(key, adapter_id=request.adapter_id, folder=folder)
 
@@ -120,20 +146,31 @@ class AdapterCache:
             fetched = [key.split(":", 1)[1] for key in self._folders if not key.startswith("name:")]
         return sorted({*self.named, *fetched})
 
+    def adapter_stats(self) -> dict[str, AdapterStats]:
+        """A snapshot of the counters of every adapter requested so far, by adapter id."""
+        with self._lock:
+            return {adapter_id: replace(stats) for adapter_id, stats in self._stats.items()}
+
     def _locate(self, request: AdapterRequest) -> tuple[str, Path]:
+        """The adapter's cache key and local folder, after its access check; fetched once per key."""
         if request.adapter_id in self.named and request.adapter_source in (None, "local"):
             key = f"name:{request.adapter_id}"
-            folder = self.named[request.adapter_id]
-        else:
-            location = parse_adapter_id(request.adapter_id, request.adapter_source)
-            key = self._key(location)
-            self.sources.check_access(location, request.api_token)
+            with self._lock:
+                self._key_ids[key] = request.adapter_id
+            return key, self.named[request.adapter_id]
+        location = parse_adapter_id(request.adapter_id, request.adapter_source)
+        key = self._key(location)
+        self.sources.check_access(location, request.api_token)
+        with self._lock:
+            fetch_lock = self._fetch_locks.setdefault(key, threading.Lock())
+        with fetch_lock:  # concurrent first requests share one download
             with self._lock:
                 folder = self._folders.get(key)
             if folder is None:
                 folder = self.sources.fetch(location, request.api_token)
         with self._lock:
             self._folders[key] = folder
+            self._key_ids[key] = request.adapter_id
         return key, folder
 
     @staticmethod
@@ -149,27 +186,52 @@ class AdapterCache:
             self._loading[key] = self._executor.submit(load)
 
     def _load_folder(self, key: str, folder: Path, name: str) -> LoraWeights:
+        with self._timed_load(key):
+            return load_peft_adapter(
+                folder, name, self.base_modules, max_rank=self.max_rank, target_modules=self.target_modules,
+                dtype=self.dtype,
+            )
+
+    def _load_merged(self, key: str, spec: MergeSpec, parts: list[tuple[str, str, Path]]) -> LoraWeights:
+        """Merge the recipe's adapters, taken from host memory when there, else read from disk."""
+        with self._timed_load(key):
+            loaded = []
+            for adapter_id, part_key, folder in parts:
+                with self._lock:
+                    cached = self._host.get(part_key)
+                loaded.append(cached if cached is not None else self._load_folder(part_key, folder, adapter_id))
+            return merge_adapters(loaded, spec)
+
+    @contextmanager
+    def _timed_load(self, key: str) -> Iterator[None]:
         started = time.perf_counter()
-        weights = load_peft_adapter(
-            folder, name, self.base_modules, max_rank=self.max_rank, target_modules=self.target_modules,
-            dtype=self.dtype,
-        )
-        self._record_load(time.perf_counter() - started)
-        return weights
-
-    def _load_merged(self, spec: MergeSpec, request: AdapterRequest) -> LoraWeights:
-        parts = []
-        for adapter_id in spec.ids:
-            key, folder = self._locate(AdapterRequest(adapter_id, request.adapter_source, request.api_token))
+        try:
+            yield
+        except BaseException:
             with self._lock:
-                cached = self._host.get(key)
-            parts.append(cached if cached is not None else self._load_folder(key, folder, adapter_id))
-        return merge_adapters(parts, spec)
-
-    def _record_load(self, seconds: float) -> None:
+                self._stats_for(key).load_failures += 1
+            raise
+        seconds = time.perf_counter() - started
         with self._lock:
-            self.stats.loads += 1
-            self.stats.load_seconds += seconds
+            stats = self._stats_for(key)
+            stats.loads += 1
+            stats.load_seconds += seconds
+        logger.debug("adapter %s loaded in %.1f ms", key, seconds * 1000)
+
+    def _count_request(self, key: str) -> None:
+        with self._lock:
+            stats = self._stats_for(key)
+            stats.requests += 1
+            if key in self._host or key in self.slots.resident:
+                stats.cache_hits += 1
+
+    def _stats_for(self, key: str) -> AdapterStats:
+        """The stats entry of `key`'s adapter id; call with the lock held."""
+        return self._stats.setdefault(self._key_ids.get(key, key), AdapterStats())
+
+    def _record_slot_eviction(self, key: str) -> None:
+        with self._lock:
+            self._stats_for(key).slot_evictions += 1
 
     # ----- engine thread --------------------------------------------------------------------
     def acquire(self, key: str | None) -> int | None:
@@ -184,8 +246,8 @@ class AdapterCache:
             slot = self.slots.place(key, weights)
             if slot is None:
                 return None
-        else:
-            self.stats.slot_hits += 1
+            with self._lock:
+                self._stats_for(key).slot_placements += 1
         self.slots.pin(slot)
         return slot
 
@@ -196,37 +258,40 @@ class AdapterCache:
         return self.slots.ranks[slot]
 
     def _host_weights(self, key: str) -> LoraWeights | None:
+        """The weights of `key` in host memory, taking a finished load there; None while loading."""
         with self._lock:
             weights = self._host.get(key)
             if weights is not None:
                 self._host.move_to_end(key)
-                self.stats.host_hits += 1
                 return weights
             future = self._loading.get(key)
+            if future is not None and future.done():
+                # Taking the load and publishing its weights happen under one lock, so a request
+                # resolving meanwhile sees the adapter either loading or loaded, never neither.
+                del self._loading[key]
+                if future.exception() is None:
+                    weights = future.result()
+                    self._insert_host(key, weights)
+                    return weights
         if future is None:  # evicted from host memory before it reached a slot: load it again
             self._start_load(key, self._loaders[key])
             return None
         if not future.done():
             return None
-        with self._lock:
-            self._loading.pop(key, None)
         error = future.exception()
-        if error is not None:
-            if isinstance(error, LoraxError):
-                raise error
-            raise LoraxError(f"adapter {key!r} failed to load: {error}") from error
-        weights = future.result()
-        self._insert_host(key, weights)
-        return weights
+        if isinstance(error, LoraxError):
+            raise error
+        raise LoraxError(f"adapter {key!r} failed to load: {error}") from error
 
     def _insert_host(self, key: str, weights: LoraWeights) -> None:
-        with self._lock:
-            self._host[key] = weights
-            total = sum(w.nbytes for w in self._host.values())
-            while total > self.host_cache_bytes and len(self._host) > 1:
-                evicted_key, evicted = self._host.popitem(last=False)
-                total -= evicted.nbytes
-                logger.debug("host cache evicted %s", evicted_key)
+        """Add to the host LRU and evict the least recently used beyond the byte budget; lock held."""
+        self._host[key] = weights
+        total = sum(w.nbytes for w in self._host.values())
+        while total > self.host_cache_bytes and len(self._host) > 1:
+            evicted_key, evicted = self._host.popitem(last=False)
+            total -= evicted.nbytes
+            self._stats_for(evicted_key).host_evictions += 1
+            logger.debug("host cache evicted %s", evicted_key)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -18,13 +19,20 @@ logger = logging.getLogger(__name__)
 
 
 class DeviceSlots:
-    def __init__(self, layers: dict[str, MultiLoraLinear], max_loras: int) -> None:
+    def __init__(
+        self,
+        layers: dict[str, MultiLoraLinear],
+        max_loras: int,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
         self.layers = layers
         self.max_loras = max_loras
         self.resident: OrderedDict[str, int] = OrderedDict()
         self.refs = [0] * max_loras
         self.ranks = [0] * max_loras
         self.evictions = 0
+        self.on_evict = on_evict
+        """Told the key of every adapter evicted from a slot (the adapter cache counts them)."""
 
     @property
     def num_pinned(self) -> int:
@@ -60,6 +68,8 @@ class DeviceSlots:
                 del self.resident[key]
                 self.evictions += 1
                 logger.debug("evicting adapter %s from slot %d", key, slot)
+                if self.on_evict is not None:
+                    self.on_evict(key)
                 return slot
         return None
 
