@@ -31,6 +31,8 @@ class LoraBatchMeta:
                             lets the torch path use plain slices instead of gather/scatter.
     segment_tokens          per segment, its token indices (views of sorted_token_indices), made
                             once here so layers do not re-slice them.
+    slot_onehot             float32 [T, num_slots] on the device: 1 where token t uses slot s
+                            (rows of no-adapter tokens are 0); the dense CPU path masks with it.
     """
 
     num_tokens: int
@@ -44,6 +46,7 @@ class LoraBatchMeta:
     segment_counts_host: tuple[int, ...]
     segment_first_tokens: tuple[int, ...]
     segment_tokens: tuple[torch.Tensor, ...]
+    slot_onehot: torch.Tensor
 
     @property
     def num_segments(self) -> int:
@@ -108,7 +111,15 @@ def make_lora_meta(
         segment_tokens=tuple(
             device_sorted_tokens[start : start + count] for start, count in zip(starts_host, counts_host)
         ),
+        slot_onehot=_slot_onehot(slots, num_slots).to(target_device),
     )
+
+
+def _slot_onehot(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    onehot = torch.zeros(slots.numel(), num_slots, dtype=torch.float32)
+    used = slots >= 0
+    onehot[used.nonzero().flatten(), slots[used]] = 1.0
+    return onehot
 
 
 def _first_token_if_contiguous(tokens: torch.Tensor) -> int:

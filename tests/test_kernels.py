@@ -263,3 +263,30 @@ def test_triton_kernels_under_interpreter():
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def test_dense_cpu_path_is_chosen_for_small_many_adapter_batches_and_matches_reference():
+    from lorax_kernels.dense_cpu import prefer_dense
+
+    torch.manual_seed(0)
+    slots, rank, d_in, d_out = 8, 16, 96, 160
+    token_lora = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 3, 3, 0])
+    meta = make_lora_meta(token_lora, slots)
+    assert prefer_dense(meta, rank, d_in, d_out)
+    assert not prefer_dense(make_lora_meta(torch.full((4096,), 1), slots), rank, d_in, d_out)
+
+    buffer_a = torch.randn(slots, 32, d_in)
+    buffer_b = torch.randn(slots, d_out, 32)
+    a, b = buffer_a[:, :rank], buffer_b[:, :, :rank]  # rank slices of wider slot buffers, as the layers pass
+    x = torch.randn(len(token_lora), d_in)
+    y = torch.randn(len(token_lora), d_out)
+    expected = reference_add_lora(y, x, a, b, token_lora)
+    got = y.clone()
+    add_lora(got, x, a, b, meta)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+    buffer_b[3].mul_(-2.0)  # an adapter placed in slot 3: the cached flat layout must be rebuilt
+    expected = reference_add_lora(y, x, a, b, token_lora)
+    got = y.clone()
+    add_lora(got, x, a, b, meta)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
