@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
+import mlflow.models.model as mlflow_model_module
+from mlflow.models import Model
 from mlflow.models.model import ModelInfo
+from packaging.version import Version
 
 import lorax_kernels
 import lorax_mlflow
@@ -27,11 +32,15 @@ _REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "huggingf
 
 
 def pip_requirements() -> list[str]:
-    """The model's runtime requirements, pinned to what is installed here."""
+    """The model's runtime requirements, pinned to what is installed here.
+
+    Pins carry the public version only: a local label such as torch's ``+cpu`` names a wheel that
+    only its own package index has, so ``torch==2.13.0+cpu`` would not install from PyPI.
+    """
     pins = []
     for name in _REQUIREMENTS:
         try:
-            pins.append(f"{name}=={metadata.version(name)}")
+            pins.append(f"{name}=={Version(metadata.version(name)).public}")
         except metadata.PackageNotFoundError:
             pins.append(name)
     return pins
@@ -91,6 +100,37 @@ def _save_kwargs(
     )
 
 
+@contextlib.contextmanager
+def _stopping_the_validation_engine() -> Iterator[None]:
+    """Stop the engine that MLflow starts while saving a ChatModel.
+
+    Saving a ChatModel loads the code model (``model_code.py`` -> ``mlflow.models.set_model``) and
+    runs ``load_context`` + ``predict`` on an input example. That engine would otherwise keep its
+    thread and the base weights alive after logging. Only a model set during this block is stopped.
+    """
+    before = mlflow_model_module.__mlflow_model__
+    try:
+        yield
+    finally:
+        from lorax_mlflow.chat_model import LoraxChatModel
+
+        validated = mlflow_model_module.__mlflow_model__
+        if validated is not before and isinstance(validated, LoraxChatModel) and validated.service is not None:
+            validated.service.engine.shutdown()
+            validated.service = None
+
+
+def _save_pyfunc_without_serving_check(path: str, mlflow_model: Model, validate_serving_input: bool = False,
+                                       **kwargs: Any) -> None:
+    mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+
+
+# `Model.log` reloads a logged model to check its serving input unless the flavor is told not to
+# (MLflow's transformers flavor does the same). ChatModel saving has already loaded the model and
+# predicted on the input example, so that check would only load the base weights a second time.
+_PYFUNC_WITHOUT_SERVING_CHECK = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc_without_serving_check)
+
+
 def save_model(
     path: str | Path,
     *,
@@ -108,7 +148,7 @@ def save_model(
     and selectable per request with ``custom_inputs.adapter_id``. ``adapter_roots``: folders from
     which requests may also name local adapters by path.
     """
-    with tempfile.TemporaryDirectory() as staging:
+    with tempfile.TemporaryDirectory() as staging, _stopping_the_validation_engine():
         kwargs = _save_kwargs(base_model, adapters, adapter_roots, engine_config, embed_base_weights, Path(staging))
         mlflow.pyfunc.save_model(str(path), **kwargs, **mlflow_kwargs)
 
@@ -124,9 +164,19 @@ def log_model(
     registered_model_name: str | None = None,
     **mlflow_kwargs: Any,
 ) -> ModelInfo:
-    """Log (and optionally register) a LoraxChatModel to the active MLflow run."""
-    with tempfile.TemporaryDirectory() as staging:
+    """Log (and optionally register) a LoraxChatModel to the active MLflow run.
+
+    The base model is loaded once, by MLflow's ChatModel input-example check, and stopped afterwards.
+    """
+    with tempfile.TemporaryDirectory() as staging, _stopping_the_validation_engine():
         kwargs = _save_kwargs(base_model, adapters, adapter_roots, engine_config, embed_base_weights, Path(staging))
-        return mlflow.pyfunc.log_model(
-            name=name, registered_model_name=registered_model_name, **kwargs, **mlflow_kwargs
+        return Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=_PYFUNC_WITHOUT_SERVING_CHECK,
+            flavor_name="pyfunc.ModelFromCode",
+            registered_model_name=registered_model_name,
+            validate_serving_input=False,
+            **kwargs,
+            **mlflow_kwargs,
         )
