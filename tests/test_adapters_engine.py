@@ -264,17 +264,25 @@ def test_more_adapters_in_flight_than_device_slots_evicts_and_stays_correct(
     assert all(s.loads == 1 for s in stats.values())  # evicted from a slot, not from host memory
 
 
-def test_host_memory_lru_evicts_and_reloads_from_disk(tiny_model_dir, adapter_root, tiny_adapters):
-    order = ["a", "b", "a", "c", "a"]
+@pytest.fixture(scope="module")
+def partial_adapter(tiny_model_dir, adapter_root) -> Path:
+    """Rank 16 on q_proj and v_proj only: replacing an all-module adapter must clear the others."""
+    return build_peft_adapter(tiny_model_dir, adapter_root / "partial", rank=16, alpha=16, seed=14,
+                              targets=["q_proj", "v_proj"])
+
+
+def test_host_memory_lru_evicts_and_reloads_from_disk(tiny_model_dir, adapter_root, tiny_adapters, partial_adapter):
+    folders = {**tiny_adapters, "partial": partial_adapter}
+    order = ["a", "b", "a", "c", "partial", "a"]  # ranks 4, 8, 4, 16, 16 on 2 of 7 modules, 4
     prompt = encode(tiny_model_dir, PROMPTS[4])
     # One device slot and a host budget below two adapters: every switch evicts from both tiers.
     with running_engine(tiny_model_dir, adapter_roots=[adapter_root], max_loras=1, host_cache_bytes=1) as engine:
-        results = [tokens(engine.submit(prompt, greedy(MAX_TOKENS), adapter(str(tiny_adapters[n])))) for n in order]
+        results = [tokens(engine.submit(prompt, greedy(MAX_TOKENS), adapter(str(folders[n])))) for n in order]
         stats = engine.adapters.adapter_stats()[str(tiny_adapters["a"])]
         assert_nothing_leaked(engine)
 
     for name, out in zip(order, results):
-        assert out == peft_greedy(tiny_model_dir, tiny_adapters[name], prompt), name
+        assert out == peft_greedy(tiny_model_dir, folders[name], prompt), name
     assert (stats.requests, stats.loads, stats.cache_hits) == (3, 3, 0)
     assert stats.host_evictions == 2 and stats.slot_evictions == 2
 

@@ -49,10 +49,10 @@ class DeviceSlots:
         slot = self._free_slot()
         if slot is None:
             return None
+        previous_rank = self.ranks[slot]
         with torch.no_grad():
             for name, layer in self.layers.items():
-                a, b = weights.a.get(name), weights.b.get(name)
-                layer.set_slot(slot, a, b)
+                _write_slot(layer, slot, weights.a.get(name), weights.b.get(name), previous_rank)
         self.resident[key] = slot
         self.ranks[slot] = weights.rank
         logger.debug("adapter %s -> slot %d", key, slot)
@@ -79,3 +79,21 @@ class DeviceSlots:
     def unpin(self, slot: int) -> None:
         assert self.refs[slot] > 0, f"slot {slot} released more often than acquired"
         self.refs[slot] -= 1
+
+
+def _write_slot(
+    layer: MultiLoraLinear, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, previous_rank: int
+) -> None:
+    """Copy one module's factors into `slot`, zeroing only what the previous occupant left beyond them.
+
+    Invariant: in every layer, rows of A (columns of B) past the slot's recorded rank are zero. So a
+    placement costs the adapter's own size, not the slot's ``max_rank`` (zeroing whole r=64 slots
+    was most of a cold load). A module the adapter does not target is cleared like a rank-0 one.
+    """
+    rank = 0 if a is None or b is None else a.shape[0]
+    if rank:
+        layer.lora_a[slot, :rank].copy_(a)
+        layer.lora_b[slot, :, :rank].copy_(b)
+    if previous_rank > rank:
+        layer.lora_a[slot, rank:previous_rank].zero_()
+        layer.lora_b[slot, :, rank:previous_rank].zero_()
