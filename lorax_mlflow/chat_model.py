@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 from mlflow.types.llm import ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChatParams
 
-from lorax_mlflow import openai_format
+from lorax_mlflow import openai_format, tracing
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.service import LoraxService
 
@@ -63,14 +63,20 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         service = self._service()
         body = self._body(messages, params)
+        trace = tracing.start_request("predict", body)
         try:
-            prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
+            with trace.template():
+                prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
             output = service.submit(prepared).result()
-        except LoraxError as error:
-            raise to_mlflow_error(error) from error
-        response = openai_format.chat_completion(
-            output, model=prepared.model, created=int(time.time()), tokenizer=service.engine.tokenizer
-        )
+            response = openai_format.chat_completion(
+                output, model=prepared.model, created=int(time.time()), tokenizer=service.engine.tokenizer
+            )
+        except BaseException as error:
+            trace.fail(error)
+            if isinstance(error, LoraxError):
+                raise to_mlflow_error(error) from error
+            raise
+        trace.finish(output, response)
         return ChatCompletionResponse.from_dict(response)
 
     def predict_stream(
@@ -78,23 +84,25 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
     ) -> Generator[ChatCompletionChunk, None, None]:
         service = self._service()
         body = self._body(messages, params)
-        try:
-            prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
-            stream = service.submit(prepared)
-        except LoraxError as error:
-            raise to_mlflow_error(error) from error
+        trace = tracing.start_request("predict_stream", body)
         created = int(time.time())
         first = True
         try:
-            for output in stream:
+            with trace.template():
+                prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
+            for output in service.submit(prepared):
                 choices = openai_format.chat_delta_choices(output, service.engine.tokenizer, first=first)
                 first = False
                 if choices:
                     yield ChatCompletionChunk.from_dict(
                         openai_format.chat_chunk(output.request_id, prepared.model, created, choices)
                     )
-        except LoraxError as error:
-            raise to_mlflow_error(error) from error
+        except BaseException as error:  # GeneratorExit too: the caller stopped reading
+            trace.fail(error)
+            if isinstance(error, LoraxError):
+                raise to_mlflow_error(error) from error
+            raise
+        trace.finish(output)
 
 
 def unwrap_chat_model(pyfunc_model: mlflow.pyfunc.PyFuncModel) -> LoraxChatModel:
