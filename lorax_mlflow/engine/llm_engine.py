@@ -127,6 +127,7 @@ class LLMEngine:
         """Validate and enqueue a request; errors that can be known now are raised here."""
         params.validate(self.runner.vocab_size)
         self._check_length(prompt_token_ids, params)
+        self._check_engine_limits(params)
         if not isinstance(adapter, ResolvedAdapter):
             adapter = self.adapters.resolve(adapter or AdapterRequest())
         request_id = request_id or uuid.uuid4().hex
@@ -180,7 +181,17 @@ class LLMEngine:
                 param="max_tokens",
             )
 
+    def _check_engine_limits(self, params: SamplingParams) -> None:
+        """A request with more sequences than a batch holds would wait forever: reject it."""
+        if params.num_sequences > self.config.max_num_seqs:
+            param = "best_of" if params.best_of is not None else "n"
+            raise InvalidRequestError(
+                f"{param}: this engine runs at most {self.config.max_num_seqs} sequences at once", param=param
+            )
+
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        """Sequence `index` of a seeded request draws from `seed + index`: choice i of an `n`/`best_of`
+        request generates exactly what a single request with seed `seed + i` would."""
         if seed is None:
             return None
         generator = torch.Generator(device=self.runner.device)
@@ -195,6 +206,11 @@ class LLMEngine:
         fmt = parse_response_format(params.response_format)
         if fmt is None:
             return None
+        if params.ignore_eos:  # the grammar then allows only EOS, which ignore_eos masks: nothing is left
+            raise InvalidRequestError(
+                "ignore_eos cannot be combined with a JSON response_format: the JSON ends with the EOS token",
+                param="ignore_eos",
+            )
         with self._grammar_lock:
             if self._grammars is None:
                 self._grammars = GrammarCache(self.tokenizer, self.runner.vocab_size, stop_token_ids=sorted(self.eos_token_ids))
