@@ -13,7 +13,7 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 DEMO_ADAPTERS: dict[str, DemoTask] = DEMO_TASKS
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DONE_MARKER = ".lorax-demo-recipe.json"
+Example = tuple[list[int], int]  # token ids of a conversation, number of prompt tokens
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def _render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _tokenize_conversation(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> tuple[list[int], int]:
+def _tokenize_conversation(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> Example:
     """Token ids of the rendered conversation, and how many of them belong to the prompt."""
     prompt = _render_prompt(tokenizer, question)
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -203,7 +204,7 @@ def _tokenize_conversation(tokenizer: PreTrainedTokenizerBase, question: str, an
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def _batches(examples: list, batch_size: int, rng: random.Random):
+def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> Iterator[list[Example]]:
     """Endless batches: each epoch is a fresh seeded shuffle of `examples`."""
     while True:
         order = list(examples)
@@ -212,7 +213,7 @@ def _batches(examples: list, batch_size: int, rng: random.Random):
             yield order[start : start + batch_size]
 
 
-def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask, and a mask of the positions whose next token is an answer token."""
     length = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
