@@ -40,7 +40,7 @@ Example = tuple[list[int], int]  # token ids of a conversation, number of prompt
 class TrainingRecipe:
     """Everything that decides an adapter's weights; a cached adapter is reused only if it matches."""
 
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 4
     learning_rate: float = 2e-3
     rank: int = 8
