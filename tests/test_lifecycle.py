@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 import threading
 import tomllib
 from pathlib import Path
@@ -163,3 +167,66 @@ def test_a_model_logged_by_a_newer_package_version_fails_at_load(saved_with_own_
     model = _copy_with_config(saved_with_own_base, tmp_path / "model", lorax_mlflow_version="99.0.0")
     with pytest.raises(Exception, match=r"logged with lorax-mlflow 99\.0\.0, newer than the installed"):
         mlflow.pyfunc.load_model(str(model))
+
+
+# ----- MLproject and conda.yaml ------------------------------------------------------------------
+
+
+def _requirement_name(spec: str) -> str:
+    return _normalized(re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0])
+
+
+def test_conda_env_is_the_pyproject_environment_with_torch_pinned_as_in_the_constraints():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    assert "python=3.11" in conda["dependencies"]
+    (pip,) = [entry["pip"] for entry in conda["dependencies"] if isinstance(entry, dict)]
+    assert "-e ." in pip
+    listed = {_requirement_name(spec): spec for spec in pip if spec != "-e ."}
+    for spec in project["dependencies"]:
+        assert _requirement_name(spec) in listed, f"{spec} missing from conda.yaml"
+    assert listed["torch"] == (REPO / "constraints.txt").read_text().strip()
+    for name, spec in listed.items():
+        declared = [s for s in project["dependencies"] if _requirement_name(s) == name]
+        dev = {_requirement_name(s) for s in project["optional-dependencies"]["dev"]}
+        assert name == "torch" or declared == [spec] or (not declared and name in dev), spec
+
+
+def test_the_serve_and_bench_entry_points_run_real_commands(tmp_path):
+    from mlflow.projects._project_spec import load_project
+
+    from lorax_mlflow.cli import build_parser
+
+    project = load_project(str(REPO))
+    serve = project.get_entry_point("serve").compute_command({"port": "8123"}, str(tmp_path))
+    program, *argv = shlex.split(serve)
+    args = build_parser().parse_args(argv)
+    assert program == "lorax-mlflow"
+    assert (args.command, args.model_uri, args.host, args.port) == ("serve", "models:/lorax-chat@prod", "127.0.0.1", 8123)
+
+    bench = shlex.split(project.get_entry_point("bench").compute_command({}, str(tmp_path)))
+    assert bench[:2] == ["python", "-m"] and (REPO / (bench[2].replace(".", "/") + ".py")).exists()
+
+
+@pytest.mark.slow
+def test_mlflow_run_log_model_registers_the_model_and_sets_the_alias(tmp_path, tiny_model_dir, tiny_adapters):
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    adapters = f"support={tiny_adapters['a']},sales={tiny_adapters['b']}"
+    subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "log_model", "--env-manager", "local",
+         "-P", f"base_model={tiny_model_dir}", "-P", f"adapters={adapters}",
+         "-P", "registered_model_name=project-bot", "-P", "alias=staging"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, check=True, capture_output=True, timeout=300,
+    )
+    client = MlflowClient(tracking_uri=tracking_uri)
+    version = client.get_model_version_by_alias("project-bot", "staging")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["registered_model_name"] == "project-bot" and run.data.params["adapters"] == adapters
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        response = mlflow.pyfunc.load_model("models:/project-bot@staging").predict(chat("hi", "sales"))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert response["model"] == "sales" and response["usage"]["completion_tokens"] == 12
