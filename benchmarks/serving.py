@@ -154,9 +154,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_process(command: list[str], health_url: str, timeout: float = 300) -> subprocess.Popen:
+def start_process(command: list[str], health_url: str, timeout: float = 300,
+                  env: dict[str, str] | None = None) -> subprocess.Popen:
     log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -205,7 +206,9 @@ def run_mlflow(model_path: Path, args, adapters: list[str]) -> LoadResult:
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path), "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port)]
-    process = start_process(command, f"http://127.0.0.1:{port}/ping")
+    # its default 60 s request timeout would answer 504 to requests queued behind the others
+    process = start_process(command, f"http://127.0.0.1:{port}/ping",
+                            env={"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "3600"})
     try:
         return asyncio.run(against_http("mlflow /invocations", f"http://127.0.0.1:{port}", invocations_sender, args,
                                         adapters))
