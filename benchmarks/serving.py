@@ -235,14 +235,18 @@ def run_engine(model_path: Path, args, adapters: list[str]) -> LoadResult:
 # ----- report --------------------------------------------------------------------------------------
 
 
+def ms(value: float) -> str:
+    return "-" if value != value else f"{value:.0f}ms"  # NaN: no inter-token gaps without streaming
+
+
 def print_table(results: list[LoadResult]) -> None:
     header = f"{'target':<22}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
     print(header)
     print("-" * len(header))
     for r in results:
         ttft, itl = r.ttft_ms(), r.itl_ms()
-        print(f"{r.name:<22}{r.requests_per_s:>8.2f}{r.tokens_per_s:>11.1f}{percentile(ttft, 50):>8.0f}ms"
-              f"{percentile(ttft, 99):>8.0f}ms{percentile(itl, 50):>7.0f}ms{percentile(itl, 99):>7.0f}ms")
+        print(f"{r.name:<22}{r.requests_per_s:>8.2f}{r.tokens_per_s:>11.1f}{ms(percentile(ttft, 50)):>10}"
+              f"{ms(percentile(ttft, 99)):>10}{ms(percentile(itl, 50)):>9}{ms(percentile(itl, 99)):>9}")
 
 
 def main() -> None:
