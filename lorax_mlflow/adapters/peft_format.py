@@ -78,7 +78,8 @@ def load_peft_adapter(
             )
         scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         a_by_module[module] = lora_a.to(torch.float32).to(dtype).contiguous()
-        b_by_module[module] = (lora_b.to(torch.float32) * scaling).to(dtype).contiguous()
+        # In place: the tensors were just read from the file and are ours (no extra copy per module).
+        b_by_module[module] = lora_b.to(torch.float32).mul_(scaling).to(dtype).contiguous()
 
     return LoraWeights(
         name=name,
