@@ -108,6 +108,13 @@ def test_seeded_choice_i_equals_a_single_request_seeded_with_seed_plus_i(engine,
     assert choices == alone == again
 
 
+def test_sibling_seeds_wrap_around_the_64_bit_seed_range(engine, prompt_40):
+    params = dict(max_tokens=6, **SEEDED)
+    choices = [o.token_ids for o in run(engine, prompt_40, SamplingParams(n=2, seed=2**64 - 1, **params)).outputs]
+    assert choices == [tokens_of(engine, prompt_40, SamplingParams(seed=-1, **params)),
+                       tokens_of(engine, prompt_40, SamplingParams(seed=0, **params))]
+
+
 def test_greedy_n_gives_n_copies_of_the_greedy_output(engine, hf_model, prompt_40):
     out = run(engine, prompt_40, greedy(16, n=3))
     expected = hf_greedy(hf_model, prompt_40, 16)

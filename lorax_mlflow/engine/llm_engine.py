@@ -191,11 +191,12 @@ class LLMEngine:
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         """Sequence `index` of a seeded request draws from `seed + index`: choice i of an `n`/`best_of`
-        request generates exactly what a single request with seed `seed + i` would."""
+        request generates exactly what a single request with seed `seed + i` would. Seeds are taken
+        modulo 2**64, the generator's seed range (torch reads a negative seed that way too)."""
         if seed is None:
             return None
         generator = torch.Generator(device=self.runner.device)
-        generator.manual_seed(seed + index)
+        generator.manual_seed((seed + index) % 2**64)
         return generator
 
     def _grammar_for(self, params: SamplingParams):
