@@ -140,6 +140,14 @@ def test_public_adapter_needs_no_token_and_gets_only_adapter_files(hub, sources,
     assert hub.requests and all(token is None for _, _, token in hub.requests)
 
 
+def test_public_adapter_is_fetched_anonymously_even_when_the_client_sends_a_placeholder_token(hub, sources):
+    """The OpenAI SDK always sends `Authorization: Bearer <api_key>` (e.g. "EMPTY")."""
+    folder = sources.fetch(parse_adapter_id("org/public"), api_token="EMPTY")
+
+    assert (folder / "adapter_config.json").exists()
+    assert all(token is None for _, _, token in hub.requests)
+
+
 def test_public_adapter_is_checked_with_the_hub_once(hub, sources):
     location = parse_adapter_id("org/public")
     sources.check_access(location, None)

@@ -230,7 +230,10 @@ class AdapterSources:
             folder = self._fetch_s3(location.path)
         else:
             self.check_access(location, api_token)
-            folder = self._fetch_hub(location, self._effective_token(api_token))
+            # A public repo is fetched anonymously: clients such as the OpenAI SDK always send some
+            # bearer token ("EMPTY"), which the hub would reject.
+            token = None if location.path in self._public_repos else self._effective_token(api_token)
+            folder = self._fetch_hub(location, token)
         logger.info("adapter %s (%s) is in %s", location.path, location.source, folder)
         return folder
 
