@@ -46,6 +46,7 @@ class TrainingRecipe:
     rank: int = 8
     alpha: int = 16
     seed: int = 0
+    revision: int = 2  # bumped whenever the training code changes what is saved
 
 
 def demo_adapters_dir() -> Path:
@@ -102,7 +103,6 @@ def train_demo_adapter(name: str, folder: Path, recipe: TrainingRecipe = Trainin
     model_path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    base.config.name_or_path = DEFAULT_MODEL_NAME  # recorded as base_model_name_or_path
     torch.manual_seed(recipe.seed)
     lora = LoraConfig(
         r=recipe.rank,
@@ -112,6 +112,7 @@ def train_demo_adapter(name: str, folder: Path, recipe: TrainingRecipe = Trainin
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
+    model.peft_config["default"].base_model_name_or_path = DEFAULT_MODEL_NAME  # not the local folder
     model.train()
     examples = [_tokenize_conversation(tokenizer, q, a) for q, a in training_conversations(task)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate)
