@@ -31,8 +31,11 @@ class LoraBatchMeta:
                             lets the torch path use plain slices instead of gather/scatter.
     segment_tokens          per segment, its token indices (views of sorted_token_indices), made
                             once here so layers do not re-slice them.
-    slot_onehot             float32 [T, num_slots] on the device: 1 where token t uses slot s
-                            (rows of no-adapter tokens are 0); the dense CPU path masks with it.
+    padded_token_index      int64 [G * max_segment_tokens]: segment g's tokens at rows
+                            g * max_segment_tokens + i, padding rows pointing at token 0
+    padded_valid            float32 [G * max_segment_tokens, 1]: 1 for real rows, 0 for padding
+                            (the padded CPU path zeroes padding rows with it, so adding their
+                            all-zero results to token 0 changes nothing)
     """
 
     num_tokens: int
@@ -46,7 +49,8 @@ class LoraBatchMeta:
     segment_counts_host: tuple[int, ...]
     segment_first_tokens: tuple[int, ...]
     segment_tokens: tuple[torch.Tensor, ...]
-    slot_onehot: torch.Tensor
+    padded_token_index: torch.Tensor
+    padded_valid: torch.Tensor
 
     @property
     def num_segments(self) -> int:
@@ -111,15 +115,20 @@ def make_lora_meta(
         segment_tokens=tuple(
             device_sorted_tokens[start : start + count] for start, count in zip(starts_host, counts_host)
         ),
-        slot_onehot=_slot_onehot(slots, num_slots).to(target_device),
+        **_padded_layout(sorted_tokens, starts_host, counts_host, target_device),
     )
 
 
-def _slot_onehot(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
-    onehot = torch.zeros(slots.numel(), num_slots, dtype=torch.float32)
-    used = slots >= 0
-    onehot[used.nonzero().flatten(), slots[used]] = 1.0
-    return onehot
+def _padded_layout(
+    sorted_tokens: torch.Tensor, starts: tuple[int, ...], counts: tuple[int, ...], device: torch.device
+) -> dict[str, torch.Tensor]:
+    width = max(counts)
+    index = torch.zeros(len(counts), width, dtype=torch.int64)
+    valid = torch.zeros(len(counts), width, dtype=torch.float32)
+    for segment, (start, count) in enumerate(zip(starts, counts)):
+        index[segment, :count] = sorted_tokens[start : start + count]
+        valid[segment, :count] = 1.0
+    return {"padded_token_index": index.view(-1).to(device), "padded_valid": valid.view(-1, 1).to(device)}
 
 
 def _first_token_if_contiguous(tokens: torch.Tensor) -> int:

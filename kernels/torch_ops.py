@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .dense_cpu import dense_add_lora, prefer_dense
 from .meta import LoraBatchMeta
+from .padded_cpu import padded_add_lora, prefer_padded
 from .shapes import check_expand_args, check_shrink_args
 
 
@@ -49,8 +49,8 @@ def add_lora(
 ) -> None:
     check_shrink_args(x, [a_stack], meta)
     check_expand_args((1, meta.num_tokens, a_stack.shape[1]), [b_stack], meta, y)
-    if prefer_dense(meta, a_stack.shape[1], a_stack.shape[2], b_stack.shape[1]):
-        dense_add_lora(y, x, a_stack, b_stack, meta)
+    if prefer_padded(meta, a_stack.shape[1], a_stack.shape[2], b_stack.shape[1]):
+        padded_add_lora(y, x, a_stack, b_stack, meta)
         return
     for segment, slot in enumerate(meta.segment_slots_host):
         rows = _segment_rows(meta, segment)

@@ -265,28 +265,30 @@ def test_triton_kernels_under_interpreter():
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
-def test_dense_cpu_path_is_chosen_for_small_many_adapter_batches_and_matches_reference():
-    from lorax_kernels.dense_cpu import prefer_dense
+def test_padded_cpu_path_is_chosen_for_many_small_segments_and_matches_reference():
+    from lorax_kernels.padded_cpu import prefer_padded
 
     torch.manual_seed(0)
     slots, rank, d_in, d_out = 8, 16, 96, 160
-    token_lora = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 3, 3, 0])
+    token_lora = torch.tensor([5, 1, 2, 3, 4, 5, 6, 7, -1, 3, 3, 1])  # slot 0 unused: stacks are gathered
     meta = make_lora_meta(token_lora, slots)
-    assert prefer_dense(meta, rank, d_in, d_out)
-    assert not prefer_dense(make_lora_meta(torch.full((4096,), 1), slots), rank, d_in, d_out)
+    assert prefer_padded(meta, rank, d_in, d_out)
+    one_long_segment = make_lora_meta(torch.tensor([1] * 4000 + [2]), slots)
+    assert not prefer_padded(one_long_segment, rank, d_in, d_out)
 
     buffer_a = torch.randn(slots, 32, d_in)
     buffer_b = torch.randn(slots, d_out, 32)
     a, b = buffer_a[:, :rank], buffer_b[:, :, :rank]  # rank slices of wider slot buffers, as the layers pass
     x = torch.randn(len(token_lora), d_in)
     y = torch.randn(len(token_lora), d_out)
-    expected = reference_add_lora(y, x, a, b, token_lora)
     got = y.clone()
     add_lora(got, x, a, b, meta)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.double(), reference_add_lora(y, x, a, b, token_lora), rtol=1e-5, atol=1e-4)
 
-    buffer_b[3].mul_(-2.0)  # an adapter placed in slot 3: the cached flat layout must be rebuilt
-    expected = reference_add_lora(y, x, a, b, token_lora)
+    contiguous = make_lora_meta(torch.tensor([0, 1, 2, 0, 1, 2]), slots)  # slots 0..2: stacks used as views
+    x, y = x[:6], y[:6]
     got = y.clone()
-    add_lora(got, x, a, b, meta)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    add_lora(got, x, a, b, contiguous)
+    torch.testing.assert_close(
+        got.double(), reference_add_lora(y, x, a, b, torch.tensor([0, 1, 2, 0, 1, 2])), rtol=1e-5, atol=1e-4
+    )

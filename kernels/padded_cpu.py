@@ -1,0 +1,47 @@
+"""Padded batched LoRA for CPU steps with many small segments (decode batches).
+
+The segment loop costs a few small ops per adapter per layer, and on a CPU, at decode batch
+sizes, that per-op overhead dominates. Here all segments run at once: each segment's tokens are
+gathered into a zero-padded ``[segments, max_tokens, in]`` block, two batched matmuls apply every
+segment's A and B, and one index_add writes the results back: five ops whatever the number of
+adapters. Padding rows are zero, so their (zero) results may safely be added to token 0. It pays
+off when the padding wastes less work than the ops it saves (see `prefer_padded`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .meta import LoraBatchMeta
+
+# Multiply-adds a CPU core does in the time of one small torch op (dispatch + launch), roughly.
+_MACS_PER_OP = 2_000_000
+_OPS_PER_SEGMENT = 3
+_PADDED_OPS = 5
+
+
+def prefer_padded(meta: LoraBatchMeta, rank: int, in_features: int, out_features: int) -> bool:
+    if meta.device.type != "cpu" or meta.num_segments < 2:
+        return False
+    padded_rows = meta.num_segments * meta.max_segment_tokens
+    wasted = (padded_rows - len(meta.sorted_token_indices)) * rank * (in_features + out_features)
+    saved_ops = meta.num_segments * _OPS_PER_SEGMENT - _PADDED_OPS
+    return wasted < saved_ops * _MACS_PER_OP
+
+
+def padded_add_lora(
+    y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, meta: LoraBatchMeta
+) -> None:
+    a, b = _active_slots(a_stack, meta), _active_slots(b_stack, meta)
+    segments, width = meta.num_segments, meta.max_segment_tokens
+    rows = x.index_select(0, meta.padded_token_index).float() * meta.padded_valid
+    v = torch.bmm(rows.view(segments, width, -1), a.float().transpose(1, 2))
+    update = torch.bmm(v, b.float().transpose(1, 2)).view(segments * width, -1)
+    y.index_add_(0, meta.padded_token_index, update.to(y.dtype))
+
+
+def _active_slots(stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
+    """The stack restricted to this step's slots, in segment order (a view when they are 0..G-1)."""
+    if meta.segment_slots_host == tuple(range(meta.num_segments)):
+        return stack[: meta.num_segments]
+    return stack.index_select(0, meta.segment_slots.long())
