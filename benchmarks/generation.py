@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine_support import load_hf, make_engine
 from tests.helpers import build_peft_adapter, build_tiny_model
 
 
@@ -28,3 +29,17 @@ def tiny_adapters(tiny_model_dir: Path, adapter_root: Path) -> dict[str, Path]:
         "b": build_peft_adapter(tiny_model_dir, adapter_root / "b", rank=8, alpha=32, seed=12, use_rslora=True),
         "c": build_peft_adapter(tiny_model_dir, adapter_root / "c", rank=16, alpha=16, seed=13, safetensors=False),
     }
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """An engine over the tiny model with default test settings (modules may override it)."""
+    engine = make_engine(tiny_model_dir)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    """The same tiny model in plain transformers: the reference for generation."""
+    return load_hf(tiny_model_dir)

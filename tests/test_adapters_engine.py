@@ -15,7 +15,6 @@ from pathlib import Path
 import boto3
 import huggingface_hub.constants
 import pytest
-import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer

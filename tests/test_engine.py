@@ -5,22 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 
 from lorax_mlflow.engine.sampling_params import SamplingParams
-from tests.engine_support import PROMPTS, encode, greedy, hf_greedy, load_hf, make_engine
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return load_hf(tiny_model_dir)
+from tests.engine_support import PROMPTS, encode, greedy, hf_greedy, make_engine
 
 
 def test_greedy_output_equals_hf_generate_token_for_token(engine, hf_model, tiny_model_dir):

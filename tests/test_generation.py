@@ -12,22 +12,10 @@ import torch
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import InvalidRequestError
 from lorax_mlflow.translate import sampling_params
-from tests.engine_support import PROMPTS, encode, greedy, hf_greedy, load_hf, make_engine
+from tests.engine_support import PROMPTS, encode, greedy, hf_greedy, make_engine
 
 SEEDED = dict(temperature=1.0, top_p=0.9, ignore_eos=True)
 IM_START = 1  # <|im_start|>: a special token that is not EOS
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    return load_hf(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

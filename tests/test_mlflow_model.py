@@ -18,7 +18,6 @@ from mlflow.exceptions import MlflowException
 
 import lorax_mlflow
 from lorax_mlflow.chat_model import unwrap_chat_model
-from tests.engine_support import greedy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
