@@ -164,6 +164,29 @@ def test_penalties_hit_exactly_the_right_tokens(penalties):
     assert probs == pytest.approx(softmax_over(expected, set(range(VOCAB))), abs=1e-6)
 
 
+def test_penalties_on_shared_tokens_use_each_rows_own_values_and_lists():
+    """The same token seen by several rows is penalised per row; ids outside the vocabulary are ignored."""
+    settings = [
+        {"repetition_penalty": 1.5},
+        {"presence_penalty": 0.8, "frequency_penalty": 0.4},
+        {},
+        {"repetition_penalty": 0.7, "frequency_penalty": -0.3},
+    ]
+    lists = [(PROMPT, OUTPUT), (OUTPUT, PROMPT), (PROMPT, OUTPUT), (PROMPT[::-1], OUTPUT + [7, 7])]
+    rows = [make_row([*prompt, VOCAB, VOCAB + 5], output, **kw) for (prompt, output), kw in zip(lists, settings)]
+    batched = Sampler(VOCAB, EOS).probabilities(torch.tensor([LOGITS] * len(rows)), rows)
+    for probs, (prompt, output), kw in zip(batched.tolist(), lists, settings):
+        expected = penalised_reference(
+            LOGITS,
+            prompt,
+            output,
+            kw.get("repetition_penalty", 1.0),
+            kw.get("presence_penalty", 0.0),
+            kw.get("frequency_penalty", 0.0),
+        )
+        assert probs == pytest.approx(softmax_over(expected, set(range(VOCAB))), abs=1e-6)
+
+
 def test_logit_bias_is_added_before_greedy_choice():
     bias = {0: 5.0, 2: -100.0}
     expected = [x + bias.get(i, 0.0) for i, x in enumerate(LOGITS)]
@@ -203,6 +226,30 @@ def test_batched_rows_match_each_row_alone():
     for i, row in enumerate(rows):
         alone = sampler.probabilities(logits[i : i + 1], [row])
         torch.testing.assert_close(batched[i : i + 1], alone)
+
+
+def test_top_k_candidates_give_the_distribution_of_the_sorted_vocabulary():
+    """Rows that all have a top_k are truncated among the top-k_max tokens; a row without one makes
+    the batch sort the whole vocabulary. Both give each row the reference distribution."""
+    vocab = 2000
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(5)) * 3
+    filters = [
+        {"top_k": 40, "top_p": 0.8, "temperature": 0.7},
+        {"top_k": 200, "min_p": 0.05, "typical_p": 0.9},
+    ]
+    rows = [make_row(**kw) for kw in filters]
+    sampler = Sampler(vocab, set())
+    top_k_only = sampler.probabilities(logits[:2], rows)
+    with_sorted_vocabulary = sampler.probabilities(logits, [*rows, make_row(top_p=0.9)])[:2]
+    torch.testing.assert_close(top_k_only, with_sorted_vocabulary)
+    for probs, row_logits, kw in zip(top_k_only.tolist(), logits.tolist(), filters):
+        scaled = [x / kw.get("temperature", 1.0) for x in row_logits]
+        kept = ref_top_k(softmax_over(scaled, set(range(vocab))), kw["top_k"])
+        for name, reference in [("top_p", ref_top_p), ("min_p", ref_min_p), ("typical_p", ref_typical)]:
+            if name in kw:
+                kept &= reference(softmax_over(scaled, kept), kw[name])
+        assert support(probs) == kept
+        assert probs == pytest.approx(softmax_over(scaled, kept), abs=1e-6)
 
 
 def test_padded_vocabulary_columns_are_never_sampled_or_counted():
@@ -311,6 +358,18 @@ def test_seeded_draw_frequencies_match_the_distribution():
     assert chi_square(counts, expected_filtered(1.0, 5)) > 5 * critical
 
 
+def test_seeded_draw_frequencies_without_top_k_match_the_distribution():
+    """Without a top_k a seeded row draws one race value per vocabulary token, by token id."""
+    rows = [make_row(temperature=0.9, top_p=0.85, seed=s) for s in range(DRAWS // 3)]
+    counts = draw_counts(rows, Sampler(6, set()))
+    scaled = [x / 0.9 for x in CHI_LOGITS]
+    right = softmax_over(scaled, ref_top_p(softmax_over(scaled, set(range(6))), 0.85))
+    critical = chi2.ppf(0.999, df=sum(p > 0 for p in right) - 1)
+    assert [c for c, p in zip(counts, right) if p == 0] == [0] * right.count(0.0)
+    assert chi_square(counts, right) < critical
+    assert chi_square(counts, expected_filtered(1.0, 6)) > 5 * critical
+
+
 # ---- seeded reproducibility ------------------------------------------------------------------------
 
 
@@ -345,6 +404,20 @@ def test_seeded_row_is_reproducible_whatever_else_is_in_the_batch():
     ]
     assert generate(crowd, position=3, steps=25) == alone
     assert len(set(alone)) > 5  # it really sampled, not a constant argmax
+
+
+def test_seeded_row_with_top_k_is_reproducible_whatever_else_is_in_the_batch():
+    """Alone, its top_k makes the batch sample among top-k candidates; in the crowd a larger top_k
+    and a row without one (the whole vocabulary sorted) change the candidate width."""
+    def tracked() -> Row:
+        return make_row([5, 6, 7], temperature=1.2, top_k=12, top_p=0.97, frequency_penalty=0.2, seed=31)
+
+    alone = generate([tracked()], position=0, steps=25)
+    crowd = [make_row(top_k=30, seed=4), tracked(), make_row(temperature=0.7), make_row(top_k=2)]
+    assert generate(crowd, position=1, steps=25) == alone
+    crowd_with_top_k = [make_row(top_k=30), make_row(top_k=3, seed=9), tracked()]
+    assert generate(crowd_with_top_k, position=2, steps=25) == alone
+    assert len(set(alone)) > 5
 
 
 def test_different_seeds_give_different_samples():

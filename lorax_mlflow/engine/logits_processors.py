@@ -1,48 +1,60 @@
 """Batched logits transformations used by the sampler.
 
 Every function works on a whole batch at once: per-row parameters arrive as tensors of shape [B]
-(or [B, V] for token statistics) so one step costs a fixed number of tensor ops whatever the
-batch holds. Functions ending in `_` modify `logits` in place.
+so one step costs a fixed number of tensor ops whatever the batch holds. Token statistics are
+sparse: the distinct (row, token) pairs a batch has seen, never a dense [B, V] matrix. Functions
+ending in `_` modify `logits` in place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import torch
 
 NEG_INF = float("-inf")
 
 
-def token_count_matrix(token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """How often each vocabulary token occurs in each row's list, as float32 [B, vocab_size].
+def seen_tokens(
+    prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each distinct (row, token) pair of `prompts[i]` and `outputs[i]` (row i), as int64 `rows` and
+    `tokens`, with float32 `output_counts` (how often the token occurs in that row's output; 0 for
+    prompt-only tokens). Ids outside [0, vocab_size) are ignored."""
+    lists = [*prompts, *outputs]
+    flat = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.int64)
+    list_index = torch.repeat_interleave(torch.tensor([len(tokens) for tokens in lists]))
+    from_output = list_index >= len(prompts)
+    in_vocab = (flat >= 0) & (flat < vocab_size)
+    keys = (list_index % len(prompts)) * vocab_size + flat
+    pairs, pair_index = torch.unique(keys[in_vocab], return_inverse=True)
+    output_counts = torch.zeros(len(pairs)).index_add_(0, pair_index, from_output[in_vocab].float())
+    pairs = pairs.to(device, non_blocking=True)
+    return pairs // vocab_size, pairs % vocab_size, output_counts.to(device, non_blocking=True)
 
-    The lists are padded with the out-of-vocabulary id `vocab_size`, scattered into [B, V + 1]
-    and the padding column is dropped, so ragged lists cost one scatter.
-    """
-    batch = len(token_lists)
-    max_len = max((len(tokens) for tokens in token_lists), default=0)
-    counts = torch.zeros(batch, vocab_size + 1, dtype=torch.float32, device=device)
-    if max_len:
-        padded = torch.tensor(
-            [list(tokens) + [vocab_size] * (max_len - len(tokens)) for tokens in token_lists],
-            dtype=torch.int64,
-        ).to(device, non_blocking=True)
-        counts.scatter_add_(1, padded, torch.ones(padded.shape, dtype=torch.float32, device=device))
-    return counts[:, :vocab_size]
 
-
-def apply_repetition_penalty_(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
-    """HF/vLLM rule on tokens where `seen` [B, V] is true: positive logits / penalty, negative * penalty."""
-    factor = torch.where(seen, penalty[:, None], torch.ones_like(logits))
-    logits.copy_(torch.where(logits > 0, logits / factor, logits * factor))
+def apply_repetition_penalty_(
+    logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, penalty: torch.Tensor
+) -> None:
+    """HF/vLLM rule at the distinct (rows, tokens) pairs: positive logits / penalty, negative * penalty."""
+    values = logits[rows, tokens]
+    factor = penalty[rows]
+    logits[rows, tokens] = torch.where(values > 0, values / factor, values * factor)
 
 
 def apply_frequency_presence_penalties_(
-    logits: torch.Tensor, output_counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    output_counts: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
 ) -> None:
-    """OpenAI rule: subtract count * frequency_penalty, and presence_penalty once if the token occurred."""
-    logits -= output_counts * frequency[:, None] + (output_counts > 0).to(logits.dtype) * presence[:, None]
+    """OpenAI rule at the distinct (rows, tokens) pairs: subtract output_count * frequency_penalty,
+    and presence_penalty once if the token occurred in the output."""
+    present = (output_counts > 0).to(logits.dtype)
+    logits[rows, tokens] -= output_counts * frequency[rows] + present * presence[rows]
 
 
 def truncate_sorted_(
@@ -54,14 +66,16 @@ def truncate_sorted_(
 ) -> None:
     """Apply top-k, top-p, min-p then typical-p to logits sorted in descending order per row.
 
-    Each filter sets the logits it drops to -inf and the next filter sees the renormalised
-    survivors (as chained HF warpers do). A filter given as None is off for every row; per row,
-    top_k >= V, top_p == 1, min_p == 0 and typical_p == 1 mean off. Every filter keeps at least one
-    token, so a row never loses all its candidates here.
+    `sorted_logits` [B, C] may be the whole sorted vocabulary or only its C best tokens, as long
+    as every token a filter could keep is among them (top_k <= C for every row): the dropped tail
+    has probability zero either way. Each filter sets the logits it drops to -inf and the next
+    filter sees the renormalised survivors (as chained HF warpers do). A filter given as None is
+    off for every row; per row, top_k >= C, top_p == 1, min_p == 0 and typical_p == 1 mean off.
+    Every filter keeps at least one token, so a row never loses all its candidates here.
     """
-    vocab = sorted_logits.shape[-1]
+    width = sorted_logits.shape[-1]
     if top_k is not None:
-        ranks = torch.arange(vocab, device=sorted_logits.device)
+        ranks = torch.arange(width, device=sorted_logits.device)
         sorted_logits.masked_fill_(ranks[None, :] >= top_k[:, None], NEG_INF)
     if top_p is not None:
         probs = torch.softmax(sorted_logits, dim=-1)

@@ -5,10 +5,13 @@ prompt + generated tokens, presence / frequency penalties over generated tokens,
 then temperature (0 = greedy argmax of the processed logits), top_k, top_p, min_p, typical_p, and
 the random draw. Reported logprobs always come from the raw model logits.
 
-Random draws use the exponential race (token = argmax(p / q), q ~ Exp(1) over the vocabulary),
-which samples exactly from p. A seeded row draws its q only from its own generator, so it gets
-the same tokens whatever else shares the batch; unseeded rows share one draw from the sampler's
-generator.
+Random draws use the exponential race (token = argmax(p / q), q ~ Exp(1) per candidate), which
+samples exactly from p. When every sampled row has a top_k, only the k_max best tokens of the batch
+are candidates (found with `topk`, no full sort); otherwise the whole sorted vocabulary is. A seeded
+row draws its q only from its own generator, and how many it draws depends only on its own
+parameters (top_k values when it has a top_k, one per vocabulary token otherwise), so it gets the
+same tokens whatever else shares the batch; unseeded rows share one draw from the sampler's
+generator. A seeded row's generator must live on the sampler's device.
 """
 
 from __future__ import annotations
@@ -51,6 +54,34 @@ class SamplerOutput:
     """float32 [B, k]: raw log_softmax of `top_ids`, sorted descending per row."""
 
 
+@dataclass
+class _Candidates:
+    """Each row's best tokens, in decreasing order of processed logit (before truncation)."""
+
+    logits: torch.Tensor
+    """float32 [B, C]: temperature-scaled logits, -inf where a truncation filter dropped the token."""
+    ids: torch.Tensor
+    """int64 [B, C]: the token id of each candidate."""
+
+
+def _own_top_k(params: SamplingParams, vocab: int) -> int:
+    """The row's top_k, or `vocab` when it has none."""
+    return params.top_k if 0 < params.top_k < vocab else vocab
+
+
+def _all_masked(processed: torch.Tensor) -> torch.Tensor:
+    """bool [B]: rows whose every processed logit is -inf; they take the argmax of their raw logits."""
+    return torch.isneginf(processed.amax(dim=-1))
+
+
+def _raw_argmax_where_masked(tokens: torch.Tensor, raw: torch.Tensor, all_masked: torch.Tensor) -> torch.Tensor:
+    """`tokens` with the raw argmax on fully masked rows. Such rows are rare, so the host checks for
+    one before paying for an argmax pass over every row."""
+    if bool(all_masked.any()):
+        return torch.where(all_masked, raw.argmax(dim=-1), tokens)
+    return tokens
+
+
 def _needs_processing(params: SamplingParams, has_grammar: bool) -> bool:
     """Whether a row needs more than the argmax of its raw logits."""
     return (
@@ -86,10 +117,8 @@ class Sampler:
         raw = self._raw(logits, rows)
         if not any(_needs_processing(row.params, row.grammar is not None) for row in rows):
             token_ids = raw.argmax(dim=-1)
-        elif all(row.params.greedy for row in rows):
-            token_ids = self._probabilities(raw, rows).argmax(dim=-1)
         else:
-            token_ids = self._draw(self._probabilities(raw, rows), rows)
+            token_ids = self._sample(raw, rows)
         return self._with_logprobs(raw, token_ids, rows)
 
     def probabilities(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
@@ -97,23 +126,38 @@ class Sampler:
 
         Greedy rows (and rows whose every logit got masked) are one-hot at the token they take.
         """
-        return self._probabilities(self._raw(logits, rows), rows)
+        raw = self._raw(logits, rows)
+        processed = self._processed_logits(raw, rows)
+        all_masked = _all_masked(processed)
+        argmax = _raw_argmax_where_masked(processed.argmax(dim=-1), raw, all_masked)
+        one_hot = torch.zeros_like(raw).scatter_(-1, argmax[:, None], 1.0)
+        if all(row.params.greedy for row in rows):
+            return one_hot
+        candidates = self._candidates(processed, rows)
+        probs = torch.zeros_like(raw).scatter_(-1, candidates.ids, torch.softmax(candidates.logits, dim=-1))
+        return torch.where((self._greedy_mask(rows, raw.device) | all_masked)[:, None], one_hot, probs)
 
     def _raw(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sampler rows")
         return logits[:, : self.vocab_size].float()
 
-    def _probabilities(self, raw: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
+    def _sample(self, raw: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
+        """int64 [B]: greedy rows take the argmax of their processed logits, the others a draw."""
         processed = self._processed_logits(raw, rows)
-        all_masked = torch.isneginf(processed).all(dim=-1)
-        argmax = torch.where(all_masked, raw.argmax(dim=-1), processed.argmax(dim=-1))
-        one_hot = torch.zeros_like(raw).scatter_(-1, argmax[:, None], 1.0)
-        greedy = torch.tensor([row.params.greedy for row in rows]).to(raw.device)
-        if bool(greedy.all()):
-            return one_hot
-        probs = torch.softmax(self._truncated(processed, rows), dim=-1)
-        return torch.where((greedy | all_masked)[:, None], one_hot, probs)
+        all_masked = _all_masked(processed)
+        greedy = [row.params.greedy for row in rows]
+        if all(greedy):
+            tokens = processed.argmax(dim=-1)
+        else:
+            tokens = self._draw(self._candidates(processed, rows), rows)
+            if any(greedy):
+                tokens = torch.where(self._greedy_mask(rows, raw.device), processed.argmax(dim=-1), tokens)
+        return _raw_argmax_where_masked(tokens, raw, all_masked)
+
+    @staticmethod
+    def _greedy_mask(rows: Sequence[SamplerRow], device: torch.device) -> torch.Tensor:
+        return torch.tensor([row.params.greedy for row in rows], device=device)
 
     def _processed_logits(self, raw: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
         """The raw logits after bias, eos masking, penalties and grammar; still unscaled."""
@@ -145,27 +189,36 @@ class Sampler:
         )
 
     def _apply_penalties_(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> None:
+        """Repetition, then frequency / presence penalties, at each row's seen tokens only.
+
+        One pass over every penalised row's prompt and output serves both rules: a row without a
+        repetition penalty gets factor 1 and one without output penalties subtracts 0, both exact.
+        """
         params = [row.params for row in rows]
-        wants_repetition = [p.repetition_penalty != 1.0 for p in params]
-        wants_output_penalty = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
-        if not (any(wants_repetition) or any(wants_output_penalty)):
+        penalised = [
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
+        ]
+        if not any(penalised):
             return
         device = logits.device
-        outputs = [
-            row.output_token_ids if rep or out else []
-            for row, rep, out in zip(rows, wants_repetition, wants_output_penalty)
-        ]
-        output_counts = lp.token_count_matrix(outputs, self.vocab_size, device)
-        if any(wants_repetition):
-            prompts = [row.prompt_token_ids if rep else [] for row, rep in zip(rows, wants_repetition)]
-            seen = (lp.token_count_matrix(prompts, self.vocab_size, device) > 0) | (output_counts > 0)
-            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype).to(device)
-            lp.apply_repetition_penalty_(logits, seen, penalty)
-        if any(wants_output_penalty):
-            frequency, presence = torch.tensor(
-                [[p.frequency_penalty for p in params], [p.presence_penalty for p in params]], dtype=logits.dtype
-            ).to(device)
-            lp.apply_frequency_presence_penalties_(logits, output_counts, frequency, presence)
+        rows_seen, tokens_seen, output_counts = lp.seen_tokens(
+            [row.prompt_token_ids if wanted else [] for row, wanted in zip(rows, penalised)],
+            [row.output_token_ids if wanted else [] for row, wanted in zip(rows, penalised)],
+            self.vocab_size,
+            device,
+        )
+        repetition, frequency, presence = torch.tensor(
+            [
+                [p.repetition_penalty for p in params],
+                [p.frequency_penalty for p in params],
+                [p.presence_penalty for p in params],
+            ],
+            dtype=logits.dtype,
+        ).to(device)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            lp.apply_repetition_penalty_(logits, rows_seen, tokens_seen, repetition)
+        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+            lp.apply_frequency_presence_penalties_(logits, rows_seen, tokens_seen, output_counts, frequency, presence)
 
     def _apply_grammar_(self, logits: torch.Tensor, rows: Sequence[SamplerRow], grammar_rows: list[int]) -> None:
         from lorax_mlflow.structured import allocate_token_bitmask, apply_token_bitmask_
@@ -175,10 +228,23 @@ class Sampler:
             rows[i].grammar.fill_bitmask(bitmask, i)
         apply_token_bitmask_(logits, bitmask, grammar_rows)
 
-    def _truncated(self, processed: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
-        """Temperature-scaled logits with top-k / top-p / min-p / typical-p survivors only (others -inf)."""
+    def _candidates(self, processed: torch.Tensor, rows: Sequence[SamplerRow]) -> _Candidates:
+        """The sampled rows' candidates, temperature-scaled and truncated by top-k / top-p / min-p / typical-p.
+
+        When every sampled row has a top_k, the largest of them is the width: `topk` then finds
+        every token any filter could keep, and the filters, softmax and draw run on [B, k_max]
+        instead of the sorted vocabulary (the tokens left out have probability zero either way).
+        Otherwise the whole vocabulary is sorted. Greedy rows ride along; their candidates are
+        never used.
+        """
         params = [row.params for row in rows]
         vocab = processed.shape[-1]
+        top_k = [_own_top_k(p, vocab) for p in params]
+        width = max(k for k, p in zip(top_k, params) if not p.greedy)
+        if width < vocab:
+            values, ids = torch.topk(processed, width, dim=-1)
+        else:
+            values, ids = torch.sort(processed, dim=-1, descending=True)
         temperature, top_p, min_p, typical_p = torch.tensor(
             [
                 [p.temperature if not p.greedy else 1.0 for p in params],
@@ -188,43 +254,53 @@ class Sampler:
             ],
             dtype=processed.dtype,
         ).to(processed.device)
-        scaled = processed / temperature[:, None]
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        use_top_k = any(k < vocab for k in top_k)
-        use_top_p = any(p.top_p < 1.0 for p in params)
-        use_min_p = any(p.min_p > 0.0 for p in params)
-        use_typical = any(p.typical_p < 1.0 for p in params)
-        if not (use_top_k or use_top_p or use_min_p or use_typical):
-            return scaled
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        candidates = _Candidates(values / temperature[:, None], ids)
+        use_top_k = any(k < width for k, p in zip(top_k, params) if not p.greedy)
         lp.truncate_sorted_(
-            sorted_logits,
+            candidates.logits,
             top_k=torch.tensor(top_k).to(processed.device) if use_top_k else None,
-            top_p=top_p if use_top_p else None,
-            min_p=min_p if use_min_p else None,
-            typical_p=typical_p if use_typical else None,
+            top_p=top_p if any(p.top_p < 1.0 for p in params) else None,
+            min_p=min_p if any(p.min_p > 0.0 for p in params) else None,
+            typical_p=typical_p if any(p.typical_p < 1.0 for p in params) else None,
         )
-        return torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+        return candidates
 
-    def _draw(self, probs: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
-        """One exponential-race draw per row from `probs`; seeded rows use only their own generator."""
-        race = torch.empty_like(probs)
-        race.exponential_(generator=self._generator)
+    def _draw(self, candidates: _Candidates, rows: Sequence[SamplerRow]) -> torch.Tensor:
+        """int64 [B]: one exponential-race draw per sampled row among its candidates.
+
+        Unseeded rows share one draw from the sampler's generator. A seeded row draws from its own
+        generator exactly as many values as its own parameters say, so its tokens do not depend on
+        what shares the batch: with a top_k it draws k values and hands them to its k best tokens
+        in increasing token-id order (so the sort order among equal logits does not matter);
+        without one it draws one value per vocabulary token, by token id.
+        """
+        probs = torch.softmax(candidates.logits, dim=-1)
+        race = torch.ones_like(probs)
+        unseeded = [i for i, row in enumerate(rows) if row.generator is None and not row.params.greedy]
+        if unseeded:
+            shared = probs.new_empty(len(unseeded), probs.shape[-1]).exponential_(generator=self._generator)
+            race.index_copy_(0, torch.tensor(unseeded, device=probs.device), shared)
+        vocab = self.vocab_size
         for i, row in enumerate(rows):
-            if row.generator is not None and not row.params.greedy:
-                own = torch.empty(probs.shape[-1], dtype=probs.dtype, device=row.generator.device)
-                race[i] = own.exponential_(generator=row.generator).to(probs.device)
+            if row.generator is None or row.params.greedy:
+                continue
+            k = _own_top_k(row.params, vocab)
+            draws = probs.new_empty(k).exponential_(generator=row.generator)
+            if k < vocab:
+                race[i, torch.argsort(candidates.ids[i, :k])] = draws
+            else:
+                race[i] = draws[candidates.ids[i]]
         # a zero draw would turn a zero-probability token into 0/0; exponential_ may return 0
-        return (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
+        choice = (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
+        return candidates.ids.gather(-1, choice[:, None])[:, 0]
 
     @staticmethod
     def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplerRow]) -> SamplerOutput:
-        requested = [row.params.logprobs for row in rows if row.params.logprobs is not None]
-        top_k = max(requested, default=0)
+        # the fused log_softmax kernel beats logsumexp (amax, sub, exp, sum as separate passes)
+        log_probs = torch.log_softmax(raw, dim=-1)
+        chosen = log_probs.gather(-1, token_ids[:, None])[:, 0]
+        top_k = max((row.params.logprobs for row in rows if row.params.logprobs is not None), default=0)
         if top_k:
-            log_probs = torch.log_softmax(raw, dim=-1)
-            chosen = log_probs.gather(-1, token_ids[:, None])[:, 0]
             top_logprobs, top_ids = log_probs.topk(top_k, dim=-1)
             return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
-        chosen = raw.gather(-1, token_ids[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)
         return SamplerOutput(token_ids, chosen, None, None)
