@@ -145,18 +145,19 @@ def roofline_seconds(step: DecodeStep, runner: ModelRunner, rank: int, bandwidth
     embedding = model.get_input_embeddings().weight
     if embedding is not model.get_output_embeddings().weight:
         weights -= embedding.numel() * embedding.element_size()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * itemsize
     per_adapter = sum(rank * (i + o) for i, o in runner.base_modules.values()) * itemsize
-    return (weights + step.context_tokens * kv_per_token + step.adapters * per_adapter) / bandwidth_bytes_per_s
+    kv = step.context_tokens * kv_bytes_per_token(cfg, itemsize)
+    return (weights + kv + step.adapters * per_adapter) / bandwidth_bytes_per_s
+
+
+def kv_bytes_per_token(config: LlamaConfig, itemsize: int) -> int:
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * itemsize
 
 
 def kv_cache_bytes(config: LlamaConfig, dtype: torch.dtype, requests: int, tokens_per_request: int) -> int:
     """Room for every request's whole sequence, plus one spare block each."""
-    head_dim = config.hidden_size // config.num_attention_heads
-    per_block = config.num_hidden_layers * 2 * BLOCK_SIZE * config.num_key_value_heads * head_dim * dtype.itemsize
     blocks = requests * (-(-tokens_per_request // BLOCK_SIZE) + 1)
-    return blocks * per_block
+    return blocks * BLOCK_SIZE * kv_bytes_per_token(config, dtype.itemsize)
 
 
 def free_device_memory() -> None:
@@ -184,6 +185,58 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def measure_engine(args: argparse.Namespace, config: LlamaConfig, dtype: torch.dtype, model_dir: Path,
+                   adapter_dir: Path, prompts: list[list[int]], names: list[str]):
+    """Tokens/s and decode steps of the engine base-only and with one adapter per request; and its runner."""
+    engine = LLMEngine(model_dir, EngineConfig(
+        max_num_seqs=args.requests, max_loras=args.adapters, max_lora_rank=args.rank, block_size=BLOCK_SIZE,
+        kv_cache_bytes=kv_cache_bytes(config, dtype, args.requests, args.prompt_tokens + args.max_tokens),
+        host_cache_bytes=8 << 30, device=args.device, dtype=str(dtype).removeprefix("torch."),
+    ), named_adapters={name: adapter_dir / name for name in set(names)}).start()
+    run_engine(engine, prompts, names, 2)  # warm-up: loads every adapter into its slot
+    run_engine(engine, prompts, [None] * args.requests, 2)
+    results: dict[str, tuple[float, list[DecodeStep]]] = {}
+    for label, per_request in [("engine, base only", [None] * args.requests),
+                               (f"engine, {args.adapters} adapters", names)]:
+        with timed_decode_steps(engine.runner, args.requests) as steps:
+            tokens_per_s = run_engine(engine, prompts, per_request, args.max_tokens)
+        results[label] = (tokens_per_s, steps)
+    engine.shutdown()
+    return results, engine.runner
+
+
+def print_report(args: argparse.Namespace, dtype: torch.dtype, bandwidth: float, runner: ModelRunner,
+                 results: dict[str, tuple[float, list[DecodeStep]]], peft_tps: float | None) -> None:
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_line()
+    print(f"\n{args.requests} requests x {args.max_tokens} new tokens ({args.prompt_tokens}-token prompts), "
+          f"{args.adapters} adapters r={args.rank}; random Llama: {args.layers} layers, hidden {args.hidden}, "
+          f"intermediate {args.intermediate}, heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab}, "
+          f"{str(dtype).removeprefix('torch.')} on {device}; {device_name}")
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'run':<30} {'tokens/s':>10} {'decode step ms':>15} {'roofline ms':>12} {'step/roofline':>14}")
+    step_ratios = {}
+    for label, (tokens_per_s, steps) in results.items():
+        if not steps:
+            print(f"{label:<30} {tokens_per_s:>10.1f} {'-':>15} {'-':>12} {'-':>14}")
+            continue
+        median_step = sorted(steps, key=lambda step: step.seconds)[len(steps) // 2]
+        floor = roofline_seconds(median_step, runner, args.rank, bandwidth)
+        step_ratios[label] = median_step.seconds / floor
+        print(f"{label:<30} {tokens_per_s:>10.1f} {median_step.seconds * 1e3:>15.2f} {floor * 1e3:>12.2f} "
+              f"{step_ratios[label]:>14.2f}")
+    if peft_tps is not None:
+        print(f"{'PEFT mixed-batch generate':<30} {peft_tps:>10.1f} {'-':>15} {'-':>12} {'-':>14}")
+
+    mixed = results[f"engine, {args.adapters} adapters"][0]
+    print(f"\nengine {args.adapters} adapters / engine base-only = {mixed / results['engine, base only'][0]:.2f} "
+          "(target >= 0.9)")
+    if peft_tps is not None:
+        print(f"engine {args.adapters} adapters / PEFT mixed-batch = {mixed / peft_tps:.2f} (target >= 10)")
+    for label, ratio in step_ratios.items():
+        print(f"decode step / roofline, {label} = {ratio:.2f} (target <= 2)")
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -204,54 +257,10 @@ def main() -> None:
         if not args.skip_peft:
             run_peft_mixed(peft_model, prompts, names, 2)  # warm-up, as for the engine
             peft_tps = run_peft_mixed(peft_model, prompts, names, args.max_tokens)
-        del peft_model
+        del peft_model  # one copy of the weights on the device at a time
         free_device_memory()
-
-        engine = LLMEngine(model_dir, EngineConfig(
-            max_num_seqs=args.requests, max_loras=args.adapters, max_lora_rank=args.rank,
-            kv_cache_bytes=kv_cache_bytes(config, dtype, args.requests, args.prompt_tokens + args.max_tokens),
-            host_cache_bytes=8 << 30, device=str(device), dtype=str(dtype).removeprefix("torch."),
-            block_size=BLOCK_SIZE,
-        ), named_adapters={name: adapter_dir / name for name in set(names)}).start()
-        run_engine(engine, prompts, names, 2)  # warm-up: loads every adapter into its slot
-        run_engine(engine, prompts, [None] * args.requests, 2)
-        results: dict[str, tuple[float, list[DecodeStep]]] = {}
-        for label, per_request in [("engine, base only", [None] * args.requests),
-                                   (f"engine, {args.adapters} adapters", names)]:
-            with timed_decode_steps(engine.runner, args.requests) as steps:
-                tokens_per_s = run_engine(engine, prompts, per_request, args.max_tokens)
-            results[label] = (tokens_per_s, steps)
-        runner = engine.runner
-        engine.shutdown()
-
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_line()
-        print(f"\n{args.requests} requests x {args.max_tokens} new tokens ({args.prompt_tokens}-token prompts), "
-              f"{args.adapters} adapters r={args.rank}; random Llama: {args.layers} layers, hidden {args.hidden}, "
-              f"intermediate {args.intermediate}, heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab}, "
-              f"{str(dtype).removeprefix('torch.')} on {device}; {device_name}")
-        print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
-        print(f"{'run':<30} {'tokens/s':>10} {'decode step ms':>15} {'roofline ms':>12} {'step/roofline':>14}")
-        step_ratios = {}
-        for label, (tokens_per_s, steps) in results.items():
-            if not steps:
-                print(f"{label:<30} {tokens_per_s:>10.1f} {'-':>15} {'-':>12} {'-':>14}")
-                continue
-            median_step = sorted(steps, key=lambda s: s.seconds)[len(steps) // 2]
-            floor = roofline_seconds(median_step, runner, args.rank, bandwidth)
-            step_ratios[label] = median_step.seconds / floor
-            print(f"{label:<30} {tokens_per_s:>10.1f} {median_step.seconds * 1e3:>15.2f} {floor * 1e3:>12.2f} "
-                  f"{step_ratios[label]:>14.2f}")
-        if peft_tps is not None:
-            print(f"{'PEFT mixed-batch generate':<30} {peft_tps:>10.1f} {'-':>15} {'-':>12} {'-':>14}")
-
-        mixed_label = f"engine, {args.adapters} adapters"
-        mixed = results[mixed_label][0]
-        print(f"\nengine {args.adapters} adapters / engine base-only = {mixed / results['engine, base only'][0]:.2f} "
-              "(target >= 0.9)")
-        if peft_tps is not None:
-            print(f"engine {args.adapters} adapters / PEFT mixed-batch = {mixed / peft_tps:.2f} (target >= 10)")
-        for label, ratio in step_ratios.items():
-            print(f"decode step / roofline, {label} = {ratio:.2f} (target <= 2)")
+        results, runner = measure_engine(args, config, dtype, model_dir, adapter_dir, prompts, names)
+    print_report(args, dtype, bandwidth, runner, results, peft_tps)
 
 
 if __name__ == "__main__":
