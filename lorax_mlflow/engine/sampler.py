@@ -272,7 +272,9 @@ class Sampler:
         generator exactly as many values as its own parameters say, so its tokens do not depend on
         what shares the batch: with a top_k it draws k values and hands them to its k best tokens
         in increasing token-id order (so the sort order among equal logits does not matter);
-        without one it draws one value per vocabulary token, by token id.
+        without one it draws one value per vocabulary token, by token id. (The one thing the batch
+        can still change: which of several exactly equal logits straddling a row's k-th place makes
+        its top-k, as `topk` and `sort` may break that tie differently.)
         """
         probs = torch.softmax(candidates.logits, dim=-1)
         race = torch.ones_like(probs)
