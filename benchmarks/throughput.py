@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--skip-sequential", action="store_true")
+    parser.add_argument("--num-threads", type=int, default=None, help="engine thread's torch threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -84,9 +85,9 @@ def main() -> None:
     per_request = [names[i % len(names)] for i in range(args.requests)]
 
     engine = LLMEngine(base, EngineConfig(max_loras=args.adapters, max_lora_rank=args.rank,
-                                          adapter_roots=[str(adapter_dir)])).start()
+                                          adapter_roots=[str(adapter_dir)], num_threads=args.num_threads)).start()
     paths = [str(adapters[n]) for n in per_request]
-    run_engine(engine, prompts[:2], paths[:2], 4)  # warm-up: loads adapters into slots
+    run_engine(engine, prompts[:len(names)], paths[:len(names)], 4)  # warm-up: loads every adapter into a slot
     run_engine(engine, prompts[:2], [None, None], 4)
     results = {
         "engine, base only": run_engine(engine, prompts, [None] * len(prompts), args.max_tokens),
@@ -108,7 +109,7 @@ def main() -> None:
 
     mixed = results[f"engine, {args.adapters} adapters"]
     print(f"\n{args.requests} requests x {args.max_tokens} new tokens, {args.adapters} adapters r={args.rank}, "
-          f"SmolLM2-135M fp32 CPU; {machine_line()}")
+          f"SmolLM2-135M fp32 CPU, engine threads {args.num_threads or 'default'}; {machine_line()}")
     print(f"{'run':<32} {'tokens/s':>10} {'engine-mixed / this':>20}")
     for name, value in results.items():
         print(f"{name:<32} {value:>10.1f} {mixed / value:>20.2f}x")

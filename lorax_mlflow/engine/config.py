@@ -34,6 +34,10 @@ class EngineConfig:
     """auto -> float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
     seed: int = 0
+    num_threads: int | None = None
+    """torch intra-op threads of the engine thread; None keeps torch's default. On small CPUs, 1
+    can be faster: OpenMP regions started from a non-main thread pay a large per-region cost,
+    which hurts the many small LoRA ops of a decode step (see benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -72,7 +76,7 @@ class EngineConfig:
             current = getattr(self, f.name)
             if isinstance(current, (list, tuple)):
                 updates[f.name] = [part for part in raw.split(os.pathsep if f.name == "adapter_roots" else ",") if part]
-            elif f.name in ("max_model_len", "kv_cache_bytes") or isinstance(current, int):
+            elif f.name in ("max_model_len", "kv_cache_bytes", "num_threads") or isinstance(current, int):
                 updates[f.name] = int(raw)
             else:
                 updates[f.name] = raw
