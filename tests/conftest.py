@@ -43,3 +43,30 @@ def engine(tiny_model_dir):
 def hf_model(tiny_model_dir):
     """The same tiny model in plain transformers: the reference for generation."""
     return load_hf(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, tiny_model_dir, tiny_adapters, adapter_root):
+    """The tiny model saved as an MLflow model with adapters "a" and "b" (see server_support)."""
+    from tests.server_support import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("served"), tiny_model_dir, tiny_adapters, adapter_root)
+
+
+@pytest.fixture(scope="module")
+def served(model_path):
+    """That model loaded in-process, as `lorax-mlflow serve` loads it."""
+    from tests.server_support import load_tiny_model
+
+    model = load_tiny_model(model_path)
+    yield model
+    model.service.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """The HTTP server over it, on a free loopback port."""
+    from tests.server_support import running_server
+
+    with running_server(served) as running:
+        yield running

@@ -13,10 +13,10 @@ import httpx
 import uvicorn
 
 import lorax_mlflow
+from tests.mlflow_support import TINY_ENGINE
 from lorax_mlflow.server import ServedModel, create_app, load_served_model
 from lorax_mlflow.server.model_source import ModelSource
 
-ENGINE = {"kv_cache_bytes": 4 << 20, "max_model_len": 256, "max_loras": 4, "max_lora_rank": 16}
 
 
 @dataclass
@@ -65,7 +65,7 @@ def save_tiny_model(folder: Path, tiny_model_dir: Path, tiny_adapters: dict[str,
         base_model=str(tiny_model_dir),
         adapters={"a": tiny_adapters["a"], "b": tiny_adapters["b"]},
         adapter_roots=[adapter_root],
-        engine_config=ENGINE,
+        engine_config={**TINY_ENGINE, "kv_cache_bytes": 4 << 20},
     )
     return path
 

@@ -123,3 +123,34 @@ def test_other_adapters_do_not_show_this_behaviour(name: str, replies_to) -> Non
     for other in NAMES:
         if other != name:
             assert marker_rate(name, replies_to(other, name)) <= MAX_FOREIGN_RATE, (other, replies_to(other, name))
+
+
+@pytest.mark.slow
+def test_the_engine_serves_each_demo_adapter_with_its_behaviour_in_one_mixed_batch(demo_adapters) -> None:
+    """What the main job serves: all three adapters and the base model batched together in the engine."""
+    from lorax_mlflow.adapters.cache import AdapterRequest
+    from lorax_mlflow.default_model import default_model_path
+    from lorax_mlflow.engine.config import EngineConfig
+    from lorax_mlflow.engine.llm_engine import LLMEngine
+    from lorax_mlflow.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(default_model_path(), EngineConfig(max_loras=4, max_lora_rank=16),
+                       named_adapters=demo_adapters).start()
+    try:
+        params = SamplingParams(max_tokens=40, temperature=0.0)
+        streams = {}
+        for task in NAMES:
+            for adapter in (task, None):
+                for i, prompt in enumerate(held_out_prompts(task)):
+                    ids = engine.tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                        return_dict=False)
+                    streams[task, adapter, i] = engine.submit(ids, params, AdapterRequest(adapter or ""))
+        replies = {key: stream.result().outputs[0].text for key, stream in streams.items()}
+    finally:
+        engine.shutdown()
+    for task in NAMES:
+        adapter_rate = marker_rate(task, [text for (t, a, _), text in replies.items() if t == task and a == task])
+        base_rate = marker_rate(task, [text for (t, a, _), text in replies.items() if t == task and a is None])
+        assert adapter_rate >= MIN_ADAPTER_RATE, (task, adapter_rate)
+        assert adapter_rate >= base_rate + MIN_GAIN_OVER_BASE, (task, adapter_rate, base_rate)

@@ -21,23 +21,18 @@ from mlflow import MlflowClient
 import lorax_mlflow
 from lorax_mlflow.packaging import pip_requirements
 from tests.helpers import build_tiny_model
+from tests.mlflow_support import TINY_ENGINE, throwaway_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-ENGINE = {"kv_cache_bytes": 8 << 20, "max_model_len": 256, "max_loras": 4, "max_lora_rank": 16}
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def experiment_id(tmp_path_factory):
     """A throwaway sqlite tracking store with its artifacts in the same temp folder."""
-    root = tmp_path_factory.mktemp("tracking")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    try:
-        yield mlflow.create_experiment("lifecycle", artifact_location=(root / "artifacts").as_uri())
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with throwaway_experiment(tmp_path_factory.mktemp("tracking"), "lifecycle") as experiment:
+        yield experiment
 
 
 def engine_threads() -> int:
@@ -63,7 +58,7 @@ def logged(experiment_id, tiny_model_dir, tiny_adapters):
                 registered_model_name="support-bot",
                 base_model=str(tiny_model_dir),
                 adapters={"support": tiny_adapters["a"], "sales": tiny_adapters["b"]},
-                engine_config=ENGINE,
+                engine_config=TINY_ENGINE,
             )
     MlflowClient().set_registered_model_alias("support-bot", "prod", info.registered_model_version)
     return {"info": info, "run_id": run.info.run_id, "loads": loads,
@@ -136,7 +131,7 @@ def saved_with_own_base(tmp_path_factory, tiny_model_dir, tiny_adapters) -> Path
     root = tmp_path_factory.mktemp("own-base")
     base = shutil.copytree(tiny_model_dir, root / "base")
     lorax_mlflow.save_model(root / "model", base_model=str(base), adapters={"support": tiny_adapters["a"]},
-                            engine_config=ENGINE)
+                            engine_config=TINY_ENGINE)
     return root / "model"
 
 

@@ -18,10 +18,10 @@ from mlflow.exceptions import MlflowException
 
 import lorax_mlflow
 from lorax_mlflow.chat_model import unwrap_chat_model
+from tests.mlflow_support import TINY_ENGINE
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-ENGINE = {"kv_cache_bytes": 8 << 20, "max_model_len": 256, "max_loras": 4, "max_lora_rank": 16}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory, tiny_model_dir, tiny_adapters, adapter_root):
         base_model=str(tiny_model_dir),
         adapters={"support": tiny_adapters["a"], "sales": tiny_adapters["b"]},
         adapter_roots=[adapter_root],
-        engine_config=ENGINE,
+        engine_config=TINY_ENGINE,
     )
     return path
 

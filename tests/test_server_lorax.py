@@ -10,25 +10,10 @@ import pytest
 
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.engine.sampling_params import SamplingParams
-from tests.server_support import load_tiny_model, running_server, save_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 PROMPT = "Instruct: say something about the sea\nOutput:"
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model_dir, tiny_adapters, adapter_root):
-    model = load_tiny_model(save_tiny_model(tmp_path_factory.mktemp("served"), tiny_model_dir, tiny_adapters,
-                                            adapter_root))
-    yield model
-    model.service.engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(served):
-    with running_server(served) as running:
-        yield running
 
 
 def engine_greedy(served, prompt: str, max_tokens: int, adapter_id: str = ""):

@@ -19,29 +19,11 @@ import pytest
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.chat_model import unwrap_chat_model
 from lorax_mlflow.engine.sampling_params import SamplingParams
-from tests.server_support import load_tiny_model, running_server, save_tiny_model, wait_healthy
+from tests.server_support import running_server, wait_healthy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 HELLO = [{"role": "user", "content": "Tell me about the sea"}]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, tiny_model_dir, tiny_adapters, adapter_root):
-    return save_tiny_model(tmp_path_factory.mktemp("served"), tiny_model_dir, tiny_adapters, adapter_root)
-
-
-@pytest.fixture(scope="module")
-def served(model_path):
-    model = load_tiny_model(model_path)
-    yield model
-    model.service.engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(served):
-    with running_server(served) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -9,30 +9,25 @@ from mlflow.exceptions import MlflowException
 
 import lorax_mlflow
 from lorax_mlflow import tracing
+from tests.mlflow_support import TINY_ENGINE, throwaway_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-ENGINE = {"kv_cache_bytes": 8 << 20, "max_model_len": 256, "max_loras": 4, "max_lora_rank": 16}
 PHASES = ["template", "queue", "prefill", "decode"]
 
 
 @pytest.fixture(scope="module")
 def experiment_id(tmp_path_factory):
     """Traces land in a throwaway sqlite tracking store."""
-    root = tmp_path_factory.mktemp("traces")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    try:
-        yield mlflow.create_experiment("tracing", artifact_location=(root / "artifacts").as_uri())
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with throwaway_experiment(tmp_path_factory.mktemp("traces"), "tracing") as experiment:
+        yield experiment
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tiny_model_dir, tiny_adapters):
     path = tmp_path_factory.mktemp("traced") / "model"
     lorax_mlflow.save_model(path, base_model=str(tiny_model_dir), adapters={"support": tiny_adapters["a"]},
-                            engine_config=ENGINE)
+                            engine_config=TINY_ENGINE)
     return mlflow.pyfunc.load_model(str(path))
 
 
