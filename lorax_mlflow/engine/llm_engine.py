@@ -324,22 +324,16 @@ class LLMEngine:
         if is_stop_token:
             reason = "stop"
             if params.include_stop_str_in_output:
-                self._add_text(state, state.detokenizer.add(token))
+                state.pending_text += state.detokenizer.add(token)
         else:
-            self._add_text(state, state.detokenizer.add(token))
+            state.pending_text += state.detokenizer.add(token)
             if state.detokenizer.stop_string is not None or (seq.grammar is not None and seq.grammar.is_terminated()):
                 reason = "stop"
         if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            self._add_text(state, state.detokenizer.flush())
+            state.pending_text += state.detokenizer.flush()
             self.scheduler.finish(seq, reason)
-
-    @staticmethod
-    def _add_text(state: SequenceOutputState, delta: str) -> None:
-        if delta:
-            state.text += delta
-            state.pending_text += delta
 
     def _emit(self, request: Request) -> None:
         if request.finished:

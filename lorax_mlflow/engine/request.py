@@ -17,7 +17,6 @@ class SequenceOutputState:
     """Per-sequence output bookkeeping: the detokenizer and what has not been emitted yet."""
 
     detokenizer: Any
-    text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     pending_text: str = ""
     pending_token_ids: list[int] = field(default_factory=list)
@@ -60,15 +59,16 @@ class Request:
         outputs = []
         for index, seq in enumerate(self.chosen_sequences()):
             state = self.states[seq.seq_id]
+            text = state.detokenizer.text
             outputs.append(
                 CompletionOutput(
                     index=index,
-                    text=state.text,
+                    text=text,
                     token_ids=seq.output_token_ids,
                     finish_reason=seq.finish_reason,
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=list(state.logprobs) if want_logprobs else None,
-                    delta_text=state.pending_text if self.streams_deltas else state.text,
+                    delta_text=state.pending_text if self.streams_deltas else text,
                     delta_token_ids=state.pending_token_ids if self.streams_deltas else seq.output_token_ids,
                     delta_logprobs=state.pending_logprobs if self.streams_deltas else list(state.logprobs),
                 )
