@@ -32,11 +32,12 @@ def prefer_padded(meta: LoraBatchMeta, rank: int, in_features: int, out_features
 def padded_add_lora(
     y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, meta: LoraBatchMeta
 ) -> None:
-    a, b = _active_slots(a_stack, meta), _active_slots(b_stack, meta)
+    a = _active_slots(a_stack, meta)  # [G, r, in]
+    b_t = _active_slots(b_stack.transpose(1, 2), meta)  # [G, r, out]: dense rows when B is stored rank-major
     segments, width = meta.num_segments, meta.max_segment_tokens
     rows = x.index_select(0, meta.padded_token_index).float() * meta.padded_valid
     v = torch.bmm(rows.view(segments, width, -1), a.float().transpose(1, 2))
-    update = torch.bmm(v, b.float().transpose(1, 2)).view(segments * width, -1)
+    update = torch.bmm(v, b_t.float()).view(segments * width, -1)
     y.index_add_(0, meta.padded_token_index, update.to(y.dtype))
 
 

