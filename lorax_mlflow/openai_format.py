@@ -50,37 +50,34 @@ def completion_logprobs(
 def chat_completion(
     output: RequestOutput, *, model: str, created: int, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-{output.request_id}",
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": choice.index,
-                "message": {"role": "assistant", "content": choice.text},
-                "finish_reason": choice.finish_reason,
-                "logprobs": None if choice.logprobs is None else chat_logprobs(tokenizer, choice.logprobs),
-            }
-            for choice in output.outputs
-        ],
-        "usage": usage(output),
-    }
+    choices = [
+        {
+            "index": choice.index,
+            "message": {"role": "assistant", "content": choice.text},
+            "finish_reason": choice.finish_reason,
+            "logprobs": None if choice.logprobs is None else chat_logprobs(tokenizer, choice.logprobs),
+        }
+        for choice in output.outputs
+    ]
+    return envelope("chat.completion", f"chatcmpl-{output.request_id}", model, created, choices, usage(output))
+
+
+def envelope(
+    object_type: str, response_id: str, model: str, created: int, choices: list[dict[str, Any]],
+    usage_: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The fields every OpenAI response object shares; `usage` only when given."""
+    body: dict[str, Any] = {"id": response_id, "object": object_type, "created": created, "model": model,
+                            "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
 
 
 def chat_chunk(
     request_id: str, model: str, created: int, choices: list[dict[str, Any]], usage_: dict | None = None
 ) -> dict[str, Any]:
-    chunk = {
-        "id": f"chatcmpl-{request_id}",
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
+    return envelope("chat.completion.chunk", f"chatcmpl-{request_id}", model, created, choices, usage_)
 
 
 def chat_delta_choices(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorax_mlflow import openai_format
 from lorax_mlflow.engine.outputs import RequestOutput
 
 
@@ -14,16 +15,7 @@ def completion_id(request_id: str) -> str:
 def text_completion(
     request_id: str, model: str, created: int, choices: list[dict[str, Any]], usage: dict[str, int] | None
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": completion_id(request_id),
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        body["usage"] = usage
-    return body
+    return openai_format.envelope("text_completion", completion_id(request_id), model, created, choices, usage)
 
 
 def summed_usage(outputs: list[RequestOutput]) -> dict[str, int]:
