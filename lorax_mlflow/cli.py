@@ -20,7 +20,8 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-model-len": ("max_model_len", int, "context window in tokens"),
     "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
-    "--num-threads": ("num_threads", int, "torch threads of the engine thread (default: torch's)"),
+    "--num-threads": ("num_threads", int,
+                      "torch threads of the engine thread (default: 1 on a CPU with <= 4 cores, else torch's)"),
 }
 
 

@@ -105,3 +105,13 @@ def hf_greedy_no_eos(model, prompt, max_tokens):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                              do_sample=False, pad_token_id=2)
     return out[0, len(prompt):].tolist()
+
+
+def test_engine_thread_count_defaults_to_one_on_small_cpus_and_can_be_set(monkeypatch):
+    from lorax_mlflow.engine.config import EngineConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert EngineConfig(device="cpu").resolved_num_threads() == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert EngineConfig(device="cpu").resolved_num_threads() is None
+    assert EngineConfig(device="cpu", num_threads=3).resolved_num_threads() == 3

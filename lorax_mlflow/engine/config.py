@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+_SMALL_CPU_CORES = 4
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -35,9 +36,10 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     num_threads: int | None = None
-    """torch intra-op threads of the engine thread; None keeps torch's default. On small CPUs, 1
-    can be faster: OpenMP regions started from a non-main thread pay a large per-region cost,
-    which hurts the many small LoRA ops of a decode step (see benchmarks/RESULTS.md)."""
+    """torch intra-op threads of the engine thread; None -> 1 on a CPU device with at most 4 cores,
+    else torch's default. OpenMP regions started from a non-main thread pay a large per-region
+    cost, which hurts the many small LoRA ops of a decode step; on a 2-core CPU one thread was
+    measured 60% faster for mixed-adapter decoding and 6% slower base-only (benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -47,6 +49,13 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def resolved_num_threads(self) -> int | None:
+        """Threads for the engine thread, or None to leave torch's setting alone."""
+        if self.num_threads is not None:
+            return self.num_threads
+        small_cpu = self.resolved_device().type == "cpu" and (os.cpu_count() or 1) <= _SMALL_CPU_CORES
+        return 1 if small_cpu else None
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

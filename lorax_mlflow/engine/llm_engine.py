@@ -228,8 +228,9 @@ class LLMEngine:
 
     # ----- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
+        threads = self.config.resolved_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
         while not self._stop.is_set():
             self._drain_inbox()
             if not self.scheduler.has_work:
