@@ -4,7 +4,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "log_model", "save_model"]
+__all__ = ["__version__", "log_adapter", "log_model", "save_model"]
 
 
 def __getattr__(name: str) -> Any:
@@ -13,4 +13,8 @@ def __getattr__(name: str) -> Any:
         from lorax_mlflow import packaging
 
         return getattr(packaging, name)
+    if name == "log_adapter":
+        from lorax_mlflow.adapter_logging import log_adapter
+
+        return log_adapter
     raise AttributeError(name)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lorax_mlflow.adapters.base_identity import check_base_model
 from lorax_mlflow.adapters.merge import MergeSpec, merge_adapters
 from lorax_mlflow.adapters.peft_format import load_peft_adapter
 from lorax_mlflow.adapters.sources import AdapterLocation, AdapterSources, parse_adapter_id
@@ -158,7 +159,7 @@ class AdapterCache:
             with self._lock:
                 self._key_ids[key] = request.adapter_id
             return key, self.named[request.adapter_id]
-        location = parse_adapter_id(request.adapter_id, request.adapter_source)
+        location = self.sources.pin(parse_adapter_id(request.adapter_id, request.adapter_source))
         key = self._key(location)
         self.sources.check_access(location, request.api_token)
         with self._lock:
@@ -187,6 +188,7 @@ class AdapterCache:
 
     def _load_folder(self, key: str, folder: Path, name: str) -> LoraWeights:
         with self._timed_load(key):
+            check_base_model(folder, name, self.base_model_name)
             return load_peft_adapter(
                 folder, name, self.base_modules, max_rank=self.max_rank, target_modules=self.target_modules,
                 dtype=self.dtype,

@@ -1,6 +1,7 @@
 """Where adapters come from: adapter ids -> a local folder, with access checks.
 
-Three sources, as in LoRAX:
+Three sources as in LoRAX, and MLflow (``mlflow``: ``models:/`` and ``runs:/`` URIs, see
+`lorax_mlflow.adapters.mlflow_source`):
 
 - ``hub``: a Hugging Face Hub repo (``org/name`` or ``org/name@revision``), fetched with
   `huggingface_hub.snapshot_download` into its own cache (so ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from lorax_mlflow.adapters.mlflow_source import MlflowAdapters, check_mlflow_uri, is_mlflow_uri
 from lorax_mlflow.errors import (
     AdapterAuthError,
     AdapterForbiddenError,
@@ -37,8 +39,10 @@ from lorax_mlflow.errors import (
 
 logger = logging.getLogger(__name__)
 
-AdapterSource = Literal["hub", "local", "s3"]
-ADAPTER_SOURCES: tuple[AdapterSource, ...] = ("hub", "local", "s3")
+AdapterSource = Literal["hub", "local", "s3", "mlflow"]
+ADAPTER_SOURCES: tuple[AdapterSource, ...] = ("hub", "local", "s3", "mlflow")
+DEFAULT_MAX_ADAPTER_BYTES = 4 << 30
+"""Largest adapter (all its files) that is downloaded from MLflow."""
 
 HUB_ADAPTER_FILES = [
     "adapter_config.json",
@@ -58,14 +62,14 @@ _S3_MANIFEST = ".lorax-s3-etags.json"
 class AdapterLocation:
     source: AdapterSource
     path: str
-    """Hub repo id, local path (as given; resolved by `AdapterSources`), or s3 URI."""
+    """Hub repo id, local path (as given; resolved by `AdapterSources`), s3 URI, or MLflow URI."""
     revision: str | None = None
 
 
 def parse_adapter_id(adapter_id: str, adapter_source: str | None = None) -> AdapterLocation:
     """Tell where an adapter id points; an explicit `adapter_source` wins over the id's shape.
 
-    Without one: ``s3://...`` is S3; a path starting with ``/``, ``./``, ``../`` or ``~`` is
+    Without one: ``s3://...`` is S3; ``models:/...`` and ``runs:/...`` are MLflow; a path starting with ``/``, ``./``, ``../`` or ``~`` is
     local; anything else must be a hub repo id, optionally with ``@revision``.
     """
     if not isinstance(adapter_id, str) or not adapter_id.strip():
@@ -81,6 +85,9 @@ def parse_adapter_id(adapter_id: str, adapter_source: str | None = None) -> Adap
         return AdapterLocation("s3", adapter_id)
     if source == "local":
         return AdapterLocation("local", adapter_id)
+    if source == "mlflow":
+        check_mlflow_uri(adapter_id)
+        return AdapterLocation("mlflow", adapter_id)
     repo_id, _, revision = adapter_id.partition("@")
     if not _is_hub_repo_id(repo_id) or (revision == "" and "@" in adapter_id):
         raise InvalidRequestError(
@@ -93,6 +100,8 @@ def parse_adapter_id(adapter_id: str, adapter_source: str | None = None) -> Adap
 def _guess_source(adapter_id: str) -> AdapterSource:
     if adapter_id.startswith("s3://"):
         return "s3"
+    if is_mlflow_uri(adapter_id):
+        return "mlflow"
     if adapter_id.startswith(("/", "./", "../", "~")) or adapter_id in (".", ".."):
         return "local"
     return "hub"
@@ -132,6 +141,7 @@ class AdapterSources:
         hf_cache_dir: str | Path | None = None,
         hub_endpoint: str | None = None,
         hub_offline: bool | None = None,
+        max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     ) -> None:
         """`hf_cache_dir` None = huggingface_hub's cache; `hub_endpoint` None = ``HF_ENDPOINT`` (read
         now) or the library's default; `hub_offline` None = ``HF_HUB_OFFLINE`` (read now) or the
@@ -149,6 +159,7 @@ class AdapterSources:
             offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
             hub_offline = constants.is_offline_mode() or offline_env
         self.hub_offline = hub_offline
+        self.mlflow = MlflowAdapters(self.download_dir, max_adapter_bytes)
         self._lock = threading.Lock()
         self._s3_lock = threading.Lock()
         self._public_repos: set[str] = set()
@@ -220,6 +231,15 @@ class AdapterSources:
             return get_token()
         return None
 
+    def pin(self, location: AdapterLocation) -> AdapterLocation:
+        """The location of the content the id names right now: an MLflow alias becomes its version.
+
+        Called on every request, before the cache key is taken from the location.
+        """
+        if location.source == "mlflow":
+            return AdapterLocation("mlflow", self.mlflow.pin(location.path))
+        return location
+
     # --- fetching ---------------------------------------------------------------------------------
 
     def fetch(self, location: AdapterLocation, api_token: str | None = None) -> Path:
@@ -228,6 +248,8 @@ class AdapterSources:
             return self.resolve_local(location.path)
         if location.source == "s3":
             folder = self._fetch_s3(location.path)
+        elif location.source == "mlflow":
+            folder = self.mlflow.fetch(self.mlflow.pin(location.path))
         else:
             self.check_access(location, api_token)
             # A public repo is fetched anonymously: clients such as the OpenAI SDK always send some
