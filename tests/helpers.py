@@ -67,3 +67,59 @@ def build_peft_adapter(
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(folder, safe_serialization=safetensors)
     return folder
+
+
+def build_medusa_adapter(
+    base_folder: Path,
+    folder: Path,
+    *,
+    num_heads: int = 3,
+    num_layers: int = 1,
+    out_proj: bool = False,
+    seed: int = 0,
+    lora_from: Path | None = None,
+    layout: str = "own",
+    hidden_size: int | None = None,
+    vocab_size: int | None = None,
+) -> Path:
+    """Write a LoRAX Medusa adapter with random heads for the model at `base_folder`.
+
+    `layout`: "own" = medusa_lm_head.safetensors; "shared" = the heads inside the LoRA adapter's
+    adapter_model.safetensors (needs `lora_from`); "pickle" = the original Medusa's
+    medusa_lm_head.pt with ``medusa_head.``-prefixed keys. `lora_from` copies that PEFT adapter in
+    too (a LoRA+Medusa adapter). `hidden_size` / `vocab_size` override the base's (another base).
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = LlamaConfig.from_pretrained(base_folder)
+    hidden = hidden_size or config.hidden_size
+    vocab = vocab_size or config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for head in range(num_heads):
+        for layer in range(num_layers):
+            tensors[f"{head}.{layer}.linear.weight"] = torch.randn(hidden, hidden, generator=generator) * 0.05
+            tensors[f"{head}.{layer}.linear.bias"] = torch.randn(hidden, generator=generator) * 0.05
+        if out_proj:
+            tensors[f"{head}.{num_layers}.weight"] = torch.randn(vocab, hidden, generator=generator) * 0.05
+    folder.mkdir(parents=True, exist_ok=True)
+    if lora_from is not None:
+        for path in lora_from.iterdir():
+            shutil.copy(path, folder / path.name)
+    (folder / "config.json").write_text(json.dumps({
+        "medusa_num_heads": num_heads, "medusa_num_layers": num_layers,
+        "base_model_name_or_path": "tiny-llama", "version": 2,
+    }))
+    if layout == "own":
+        save_file(tensors, folder / "medusa_lm_head.safetensors")
+    elif layout == "shared":
+        shared = folder / "adapter_model.safetensors"
+        save_file({**load_file(shared), **tensors}, shared)
+    elif layout == "pickle":
+        torch.save({f"medusa_head.{key}": value for key, value in tensors.items()}, folder / "medusa_lm_head.pt")
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return folder

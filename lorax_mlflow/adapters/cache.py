@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from lorax_mlflow.adapters.adapter_folder import BaseModelShape, load_adapter_folder
 from lorax_mlflow.adapters.base_identity import check_base_model
 from lorax_mlflow.adapters.merge import MergeSpec, merge_adapters
-from lorax_mlflow.adapters.peft_format import load_peft_adapter
 from lorax_mlflow.adapters.sources import AdapterLocation, AdapterSources, parse_adapter_id
 from lorax_mlflow.adapters.weights import LoraWeights
-from lorax_mlflow.errors import LoraxError
+from lorax_mlflow.errors import AdapterValidationError, LoraxError
 from lorax_mlflow.lora.slots import DeviceSlots
 
 logger = logging.getLogger(__name__)
@@ -82,9 +82,12 @@ class AdapterCache:
         target_modules: tuple[str, ...],
         host_cache_bytes: int,
         dtype: torch.dtype,
+        hidden_size: int,
+        vocab_size: int,
     ) -> None:
+        """`hidden_size` and `vocab_size` are the base model's, which Medusa heads must match."""
         self.slots = slots
-        self.base_modules = dict(base_modules)
+        self.base = BaseModelShape(dict(base_modules), hidden_size, vocab_size)
         self.base_model_name = base_model_name
         self.named = {name: Path(path) for name, path in named_adapters.items()}
         self.sources = sources
@@ -189,9 +192,8 @@ class AdapterCache:
     def _load_folder(self, key: str, folder: Path, name: str) -> LoraWeights:
         with self._timed_load(key):
             check_base_model(folder, name, self.base_model_name)
-            return load_peft_adapter(
-                folder, name, self.base_modules, max_rank=self.max_rank, target_modules=self.target_modules,
-                dtype=self.dtype,
+            return load_adapter_folder(
+                folder, name, self.base, max_rank=self.max_rank, target_modules=self.target_modules, dtype=self.dtype
             )
 
     def _load_merged(self, key: str, spec: MergeSpec, parts: list[tuple[str, str, Path]]) -> LoraWeights:
@@ -201,7 +203,13 @@ class AdapterCache:
             for adapter_id, part_key, folder in parts:
                 with self._lock:
                     cached = self._host.get(part_key)
-                loaded.append(cached if cached is not None else self._load_folder(part_key, folder, adapter_id))
+                part = cached if cached is not None else self._load_folder(part_key, folder, adapter_id)
+                if not part.a:
+                    raise AdapterValidationError(
+                        f"adapter {adapter_id!r} holds only Medusa heads: only LoRA adapters can be merged",
+                        param="merged_adapters",
+                    )
+                loaded.append(part)
             return merge_adapters(loaded, spec)
 
     @contextmanager

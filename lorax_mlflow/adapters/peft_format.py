@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +48,20 @@ def load_peft_adapter(
     max_rank: int,
     target_modules: Collection[str],
     dtype: torch.dtype = torch.float32,
+    other_reader_keys: Callable[[str], bool] | None = None,
 ) -> LoraWeights:
     """Load the PEFT adapter in `folder` with its scaling folded into B.
 
     `base_modules` maps each LoRA-able Linear of the base model (e.g.
     ``model.layers.0.self_attn.q_proj``) to its ``(in_features, out_features)``;
-    `target_modules` are the short module names the engine can serve.
+    `target_modules` are the short module names the engine can serve. Tensors for which
+    `other_reader_keys` is true belong to another reader (Medusa heads saved beside the factors).
     """
     folder = Path(folder)
     config = _read_config(folder, name)
     tensors = _read_tensors(folder, name)
+    if other_reader_keys is not None:
+        tensors = {key: tensor for key, tensor in tensors.items() if not other_reader_keys(key)}
     factors = _group_factors(tensors, name)
 
     r_default = int(config.get("r", 8))

@@ -47,12 +47,15 @@ DEFAULT_MAX_ADAPTER_BYTES = 4 << 30
 HUB_ADAPTER_FILES = [
     "adapter_config.json",
     "adapter_model.*",
+    "config.json",
+    "medusa_lm_head.*",
     "tokenizer*",
     "special_tokens_map.json",
     "chat_template.jinja",
     "*.model",
 ]
-"""What is downloaded from a hub repo: the adapter, and its own tokenizer/chat template if any."""
+"""What is downloaded from a hub repo: the adapter (LoRA and/or Medusa heads), and its own tokenizer/chat
+template if any."""
 
 _HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _S3_MANIFEST = ".lorax-s3-etags.json"

@@ -1,4 +1,4 @@
-"""In-memory form of one LoRA adapter, independent of where it came from."""
+"""In-memory form of one adapter (LoRA factors and/or Medusa heads), independent of where it came from."""
 
 from __future__ import annotations
 
@@ -9,8 +9,41 @@ import torch
 
 
 @dataclass
+class MedusaHeads:
+    """Medusa speculative heads (LoRAX's format): head ``k`` drafts the token ``k + 2`` places ahead.
+
+    Head ``k`` maps the base model's last hidden state ``x`` through ``num_layers`` residual
+    blocks, ``x = x + silu(x @ linear_w[k, l].T + linear_b[k, l])``, then through its own output
+    projection ``out_w[k]`` or, when `out_w` is None, the base model's lm_head (LoRAX's v2 heads).
+    """
+
+    num_layers: int
+    linear_w: torch.Tensor
+    """[num_heads, num_layers, hidden, hidden]"""
+    linear_b: torch.Tensor
+    """[num_heads, num_layers, hidden]"""
+    out_w: torch.Tensor | None = None
+    """[num_heads, vocab, hidden], or None to share the base model's lm_head."""
+
+    @property
+    def num_heads(self) -> int:
+        return self.linear_w.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.linear_w, self.linear_b] + ([self.out_w] if self.out_w is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str) -> "MedusaHeads":
+        out_w = None if self.out_w is None else self.out_w.to(device)
+        return MedusaHeads(self.num_layers, self.linear_w.to(device), self.linear_b.to(device), out_w)
+
+
+@dataclass
 class LoraWeights:
-    """One adapter's low-rank factors, keyed by the base model's module path.
+    """One adapter's low-rank factors, keyed by the base model's module path, and its Medusa heads if any.
+
+    A Medusa-only adapter has no factors (rank 0); a LoRA+Medusa folder carries both.
 
     Keys are module paths of the base model, e.g. ``model.layers.0.self_attn.q_proj``.
     ``a[key]`` is ``[r, in_features]``; ``b[key]`` is ``[out_features, r]`` with the adapter's
@@ -25,6 +58,7 @@ class LoraWeights:
     base_model_name: str | None = None
     source_dir: Path | None = None
     """The adapter folder, when it has one (its tokenizer/chat template may be used)."""
+    medusa: MedusaHeads | None = None
     target_modules: set[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -34,4 +68,5 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+        lora = sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+        return lora + (self.medusa.nbytes if self.medusa is not None else 0)

@@ -77,6 +77,8 @@ class LLMEngine:
             target_modules=self.config.target_modules,
             host_cache_bytes=self.config.host_cache_bytes,
             dtype=self.runner.dtype,
+            hidden_size=self.runner.hf_config.hidden_size,
+            vocab_size=self.runner.vocab_size,
         )
         self.scheduler = Scheduler(self.config, self.block_manager, self.adapters)
         self.eos_token_ids = self._eos_token_ids()

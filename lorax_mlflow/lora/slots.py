@@ -1,4 +1,4 @@
-"""Device slots: which adapters are resident in the stacked MultiLoraLinear weights.
+"""Device slots: which adapters are resident in the stacked MultiLoraLinear weights (and their Medusa heads).
 
 LRU over ``max_loras`` slots; a slot is pinned by every running sequence that uses it and is only
 evicted when nothing pins it. Called from the engine thread only.
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorax_mlflow.adapters.weights import LoraWeights
+from lorax_mlflow.adapters.weights import LoraWeights, MedusaHeads
 from lorax_mlflow.lora.layers import MultiLoraLinear
 
 logger = logging.getLogger(__name__)
@@ -30,9 +30,15 @@ class DeviceSlots:
         self.resident: OrderedDict[str, int] = OrderedDict()
         self.refs = [0] * max_loras
         self.ranks = [0] * max_loras
+        self.medusa: list[MedusaHeads | None] = [None] * max_loras
+        """The Medusa heads of each slot's adapter, on the device; None for LoRA-only adapters."""
         self.evictions = 0
         self.on_evict = on_evict
         """Told the key of every adapter evicted from a slot (the adapter cache counts them)."""
+
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.layers.values())).lora_a.device
 
     @property
     def num_pinned(self) -> int:
@@ -55,6 +61,7 @@ class DeviceSlots:
                 _write_slot(layer, slot, weights.a.get(name), weights.b.get(name), previous_rank)
         self.resident[key] = slot
         self.ranks[slot] = weights.rank
+        self.medusa[slot] = None if weights.medusa is None else weights.medusa.to(self._device)
         logger.debug("adapter %s -> slot %d", key, slot)
         return slot
 
