@@ -10,6 +10,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+ADMIN_TOKEN_ENV = "LORAX_ADMIN_TOKEN"
+
 # flag -> EngineConfig field; each is also read from LORAX_<FIELD> by EngineConfig.with_env_overrides.
 ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget of one engine step"),
@@ -49,7 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter-root", action="append", dest="adapter_roots", metavar="DIR",
                        help=f"folder that requests may name local adapters from; repeatable "
                        f"(env {env_name('adapter_roots')}, {os.pathsep}-separated)")
+    serve.add_argument("--preload-adapter", action="append", dest="preload_adapters", default=[],
+                       metavar="NAME=ID", help="load adapter ID (any source) as NAME before /health is ready; "
+                       "repeatable")
+    serve.add_argument("--enable-adapter-management", action="store_true",
+                       help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, protected by the "
+                       f"admin token in ${ADMIN_TOKEN_ENV} (required)")
     return parser
+
+
+def parse_preloads(specs: Sequence[str]) -> dict[str, str]:
+    preloads = {}
+    for spec in specs:
+        name, sep, adapter_id = spec.partition("=")
+        if not sep or not name or not adapter_id:
+            raise SystemExit(f"--preload-adapter takes NAME=ID, got {spec!r}")
+        preloads[name] = adapter_id
+    return preloads
+
+
+def admin_token(args: argparse.Namespace) -> str | None:
+    """The admin token when adapter management is enabled; it is read from the environment only,
+    so it never shows in a process listing."""
+    if not args.enable_adapter_management:
+        return None
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if not token:
+        raise SystemExit(f"--enable-adapter-management needs an admin token in ${ADMIN_TOKEN_ENV}")
+    return token
 
 
 def apply_engine_flags(args: argparse.Namespace) -> None:
@@ -88,14 +117,19 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lorax_mlflow.server import create_app, load_served_model
+    from lorax_mlflow.server.adapter_admin import preload_adapters
 
     apply_engine_flags(args)
     model_uri = args.model_uri
+    preloads = parse_preloads(args.preload_adapters)
+    token = admin_token(args)
 
     def load():
-        return load_served_model(model_uri or str(default_model_path()))
+        served = load_served_model(model_uri or str(default_model_path()))
+        preload_adapters(served.service, preloads)
+        return served
 
-    app = create_app(load)
+    app = create_app(load, admin_token=token)
     logger.info("serving %s on http://%s:%d", model_uri or "the embedded default model", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

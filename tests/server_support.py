@@ -30,8 +30,8 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(source: ModelSource) -> Iterator[RunningServer]:
-    config = uvicorn.Config(create_app(source), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+def running_server(source: ModelSource, **app_options) -> Iterator[RunningServer]:
+    config = uvicorn.Config(create_app(source, **app_options), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()

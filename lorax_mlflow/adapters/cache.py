@@ -25,7 +25,7 @@ from lorax_mlflow.adapters.base_identity import check_base_model
 from lorax_mlflow.adapters.merge import MergeSpec, merge_adapters
 from lorax_mlflow.adapters.sources import AdapterLocation, AdapterSources, parse_adapter_id
 from lorax_mlflow.adapters.weights import LoraWeights
-from lorax_mlflow.errors import AdapterValidationError, LoraxError
+from lorax_mlflow.errors import AdapterNotFoundError, AdapterValidationError, InvalidRequestError, LoraxError
 from lorax_mlflow.lora.slots import DeviceSlots
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ class AdapterCache:
         self._stats: dict[str, AdapterStats] = {}
         self._key_ids: dict[str, str] = {}
         """cache key -> the adapter id its stats are counted under."""
+        self._runtime_names: dict[str, AdapterRequest] = {}
+        """Names added while serving (`add_name`) -> the adapter id and source they stand for."""
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
         slots.on_evict = self._record_slot_eviction
@@ -117,6 +119,7 @@ class AdapterCache:
         A merged recipe checks access to and fetches each of its adapters, then loads and merges
         them as one cache entry keyed by the recipe.
         """
+        request = self._unalias(request)
         spec = request.merged_adapters
         if spec is not None:
             parts = [
@@ -148,7 +151,43 @@ class AdapterCache:
     def known_adapter_ids(self) -> list[str]:
         with self._lock:
             fetched = [key.split(":", 1)[1] for key in self._folders if not key.startswith("name:")]
-        return sorted({*self.named, *fetched})
+            runtime = list(self._runtime_names)
+        return sorted({*self.named, *runtime, *fetched})
+
+    def add_name(self, name: str, adapter_id: str, adapter_source: str | None = None) -> None:
+        """Serve the adapter `adapter_id` (any source) as `name` from now on, once it has loaded.
+
+        The adapter is fetched, validated and loaded before the name exists, so a bad one is the
+        caller's 4xx and never a later request's. Access checks still run per request with that
+        request's token: a name never lends the loader's credentials to anyone.
+        """
+        if not isinstance(name, str) or not name.strip() or len(name) > 256 or name != name.strip():
+            raise InvalidRequestError("lora_name must be a non-empty name without surrounding spaces",
+                                      param="lora_name")
+        with self._lock:
+            taken = self.is_base(name) or name in self.named or name in self._runtime_names
+        if taken:
+            raise InvalidRequestError(f"an adapter named {name!r} is already loaded", param="lora_name",
+                                      code="adapter_already_loaded")
+        self.wait_loaded(self.resolve(AdapterRequest(adapter_id, adapter_source)))
+        with self._lock:
+            if name in self._runtime_names:
+                raise InvalidRequestError(f"an adapter named {name!r} is already loaded", param="lora_name",
+                                          code="adapter_already_loaded")
+            self._runtime_names[name] = AdapterRequest(adapter_id, adapter_source)
+
+    def remove_name(self, name: str) -> None:
+        """Stop serving a name added by `add_name`; requests already running finish with it."""
+        with self._lock:
+            if self._runtime_names.pop(name, None) is None:
+                raise AdapterNotFoundError(f"no adapter named {name!r} was loaded at runtime", param="lora_name")
+
+    def _unalias(self, request: AdapterRequest) -> AdapterRequest:
+        with self._lock:
+            target = self._runtime_names.get(request.adapter_id) if request.adapter_source is None else None
+        if target is None:
+            return request
+        return replace(request, adapter_id=target.adapter_id, adapter_source=target.adapter_source)
 
     def adapter_stats(self) -> dict[str, AdapterStats]:
         """A snapshot of the counters of every adapter requested so far, by adapter id."""

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from lorax_mlflow import __version__
+from lorax_mlflow.server.adapter_admin import adapter_admin_router
 from lorax_mlflow.server.errors import install_error_handlers
 from lorax_mlflow.server.lorax_routes import lorax_router
 from lorax_mlflow.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -16,11 +17,11 @@ from lorax_mlflow.server.model_source import ModelHolder, ModelSource
 from lorax_mlflow.server.openai_routes import openai_router
 
 
-def create_app(source: ModelSource) -> FastAPI:
+def create_app(source: ModelSource, *, admin_token: str | None = None) -> FastAPI:
     """An app serving `source`: a LoraxService, a ServedModel, or a loader returning a ServedModel.
 
     A loader runs in a background thread once the app starts; until it returns, /health and every
-    other route answer 503.
+    other route answer 503. `admin_token` enables runtime adapter management (`adapter_admin`).
     """
     holder = ModelHolder(source)
     metrics = ServerMetrics(lambda: holder.service if holder.ready else None)
@@ -37,6 +38,8 @@ def create_app(source: ModelSource) -> FastAPI:
     app.include_router(openai_router(holder, metrics))
     app.include_router(lorax_router(holder, metrics))
     app.include_router(mlflow_router(holder, metrics))
+    if admin_token:
+        app.include_router(adapter_admin_router(holder, admin_token))
 
     @app.get("/health", tags=["Operations"])
     async def health():

@@ -31,7 +31,7 @@ class MergedAdapters(_Body):
 class LoraxExtensions(_Body):
     """LoRAX's per-request adapter fields, accepted at the top level of the OpenAI routes."""
 
-    adapter_source: Literal["hub", "local", "s3"] | None = None
+    adapter_source: Literal["hub", "local", "s3", "mlflow"] | None = None
     api_token: str | None = None
     merged_adapters: MergedAdapters | None = None
 
@@ -109,7 +109,7 @@ class GenerateParameters(_Body):
     """LoRAX's /generate parameters, as the published lorax-client sends them."""
 
     adapter_id: str | None = None
-    adapter_source: Literal["hub", "local", "s3"] | None = None
+    adapter_source: Literal["hub", "local", "s3", "mlflow"] | None = None
     merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
     do_sample: bool = False
