@@ -29,6 +29,7 @@ from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.llm_engine import LLMEngine
 from lorax_mlflow.engine.outputs import CompletionOutput
 from lorax_mlflow.engine.sampling_params import SamplingParams
+from lorax_mlflow.structured import parse_response_format
 
 NAME = {"type": "string", "maxLength": 24}
 SCHEMAS = [
@@ -103,7 +104,7 @@ def full_sampler_params(max_tokens: int, index: int) -> SamplingParams:
 def json_params(max_tokens: int, index: int) -> SamplingParams:
     schema = SCHEMAS[index % len(SCHEMAS)]
     fmt = {"type": "json_schema", "json_schema": {"name": f"schema{index % len(SCHEMAS)}", "schema": schema}}
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, response_format=fmt)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_output=parse_response_format(fmt))
 
 
 def run(engine: LLMEngine, timer: SamplerTimer, prompts, make_params, max_tokens: int | list[int]) -> Measurement:

@@ -10,6 +10,7 @@ from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.adapters.merge import MergeSpec
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.structured.request import parse_structured_output
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
                  "typical_p")
@@ -70,10 +71,7 @@ def sampling_params(
         except (TypeError, ValueError) as error:
             raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from error
     _logprobs(body, kwargs, completions)
-    if _present(body, "response_format"):
-        if not isinstance(body["response_format"], Mapping):
-            raise InvalidRequestError("response_format must be an object", param="response_format")
-        kwargs["response_format"] = dict(body["response_format"])
+    kwargs["structured_output"] = parse_structured_output(body)
     params = SamplingParams(**kwargs)
     params.validate()
     return params

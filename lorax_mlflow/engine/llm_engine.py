@@ -202,16 +202,14 @@ class LLMEngine:
         return generator
 
     def _grammar_for(self, params: SamplingParams):
-        if not params.response_format:
-            return None
-        from lorax_mlflow.structured import GrammarCache, parse_response_format
-
-        fmt = parse_response_format(params.response_format)
+        fmt = params.structured_output
         if fmt is None:
             return None
+        from lorax_mlflow.structured import GrammarCache
+
         if params.ignore_eos:  # the grammar then allows only EOS, which ignore_eos masks: nothing is left
             raise InvalidRequestError(
-                "ignore_eos cannot be combined with a JSON response_format: the JSON ends with the EOS token",
+                f"ignore_eos cannot be combined with {fmt.param}: the constrained output ends with the EOS token",
                 param="ignore_eos",
             )
         with self._grammar_lock:

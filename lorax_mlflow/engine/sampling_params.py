@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lorax_mlflow.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from lorax_mlflow.structured import Constraint
 
 MAX_TOP_LOGPROBS = 20
 
@@ -42,7 +45,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    response_format: dict[str, Any] | None = None
+    structured_output: Constraint | None = None
+    """A grammar the output must match (JSON schema, regex, choice, EBNF, tool calls); None: free text."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -17,6 +17,7 @@ from lorax_mlflow.server.schemas import GenerateParameters
 from lorax_mlflow.translate import sampling_params
 
 ADAPTER_FIELDS = ("adapter_id", "adapter_source", "api_token", "merged_adapters")
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
 def samples(parameters: GenerateParameters) -> bool:
@@ -64,6 +65,7 @@ def generate_sampling_params(parameters: GenerateParameters, *, stream: bool, ma
         "max_tokens": parameters.max_new_tokens,
         "n": parameters.best_of or 1,
         "response_format": parameters.response_format.to_body() if parameters.response_format else None,
+        **{name: getattr(parameters, name) for name in GUIDED_FIELDS},
     }
     if parameters.details or stream:  # token logprobs are part of LoRAX's token objects
         body["logprobs"] = parameters.return_k_alternatives or 0

@@ -61,6 +61,12 @@ class GenerationFields(LoraxExtensions):
     spaces_between_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    structured_outputs: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -132,6 +138,11 @@ class GenerateParameters(_Body):
     decoder_input_details: bool = False
     return_k_alternatives: int | None = None
     response_format: ResponseFormatLorax | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class GenerateRequest(_Body):

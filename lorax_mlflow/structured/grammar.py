@@ -1,4 +1,4 @@
-"""Compiled JSON grammars (one per distinct schema) and the per-sequence matchers that walk them."""
+"""Compiled grammars (one per distinct constraint) and the per-sequence matchers that walk them."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import torch
 import xgrammar as xgr
 
 from lorax_mlflow.errors import InvalidRequestError
-from lorax_mlflow.structured.response_format import PARAM, ResponseFormat
+from lorax_mlflow.structured.constraints import Constraint
 
 logger = logging.getLogger(__name__)
 
-FREE_JSON_OBJECT_SCHEMA = {"type": "object"}
 _XGRAMMAR_LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
 
 
@@ -41,10 +40,10 @@ class RequestGrammar:
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.accept_token(int(token_id)):
-            raise TokenRejectedError(f"token {token_id} is not allowed by the response_format grammar here")
+            raise TokenRejectedError(f"token {token_id} is not allowed by the grammar here")
 
     def is_terminated(self) -> bool:
-        """True once the JSON is complete and the stop token that ends it was accepted."""
+        """True once the constrained text is complete and the stop token that ends it was accepted."""
         return self._matcher.is_terminated()
 
     def fork(self) -> RequestGrammar:
@@ -77,11 +76,10 @@ def _compile_error_message(error: Exception) -> str:
 
 
 class GrammarCache:
-    """Compiles each distinct response format once (keyed by its canonical JSON) and hands out matchers.
+    """Compiles each distinct constraint once (keyed by its `cache_key`) and hands out matchers.
 
-    Whitespace between JSON tokens is fixed (``", "`` and ``": "``, no newlines), so a model cannot
-    stall emitting spaces; EOS is allowed only once the JSON is complete. Thread-safe: compiling
-    happens under a lock, so concurrent requests with the same schema compile it once.
+    EOS is allowed only once the constrained text is complete. Thread-safe: compiling happens
+    under a lock, so concurrent requests with the same constraint compile it once.
     """
 
     def __init__(
@@ -113,7 +111,7 @@ class GrammarCache:
     def stop_token_ids(self) -> list[int]:
         return list(self._tokenizer_info.stop_token_ids)
 
-    def compiled(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:
+    def compiled(self, fmt: Constraint) -> xgr.CompiledGrammar:
         """The compiled grammar for `fmt`; raises InvalidRequestError if xgrammar cannot compile it."""
         key = fmt.cache_key
         with self._lock:
@@ -129,23 +127,16 @@ class GrammarCache:
                 self._grammars.popitem(last=False)
             return grammar
 
-    def matcher(self, fmt: ResponseFormat) -> RequestGrammar:
+    def matcher(self, fmt: Constraint) -> RequestGrammar:
         return RequestGrammar(xgr.GrammarMatcher(self.compiled(fmt)), self._keep_mask)
 
-    def _compile(self, fmt: ResponseFormat) -> xgr.CompiledGrammar:
+    def _compile(self, fmt: Constraint) -> xgr.CompiledGrammar:
         started = time.perf_counter()
         try:
-            if fmt.schema is None:
-                grammar = self._compiler.compile_json_schema(
-                    FREE_JSON_OBJECT_SCHEMA, any_whitespace=False, strict_mode=False
-                )
-            else:
-                grammar = self._compiler.compile_json_schema(
-                    dict(fmt.schema), any_whitespace=False, strict_mode=fmt.strict
-                )
-        except RuntimeError as e:
+            grammar = fmt.compile(self._compiler)
+        except Exception as e:  # xgrammar rejects what the request wrote: the caller's mistake
             raise InvalidRequestError(
-                f"{PARAM}: the JSON schema is not supported: {_compile_error_message(e)}", param=PARAM
+                f"{fmt.param}: {fmt.subject} is not supported: {_compile_error_message(e)}", param=fmt.param
             ) from e
-        logger.debug("compiled %s grammar in %.1f ms", fmt.type, 1000 * (time.perf_counter() - started))
+        logger.debug("compiled a %s grammar in %.1f ms", fmt.param, 1000 * (time.perf_counter() - started))
         return grammar

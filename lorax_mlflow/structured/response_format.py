@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import xgrammar as xgr
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
@@ -14,6 +15,7 @@ from lorax_mlflow.errors import InvalidRequestError
 
 PARAM = "response_format"
 FORMAT_TYPES = ("text", "json_object", "json_schema")
+FREE_JSON_OBJECT_SCHEMA = {"type": "object"}
 
 
 @dataclass(frozen=True)
@@ -28,34 +30,43 @@ class ResponseFormat:
     schema: Mapping[str, Any] | None = None
     name: str | None = None
     strict: bool = True
+    param: str = PARAM
+    """The request field it came from (`response_format`, `guided_json`, `structured_outputs`)."""
+    subject: ClassVar[str] = "the JSON schema"
 
     @property
     def cache_key(self) -> str:
         """Canonical text of what the grammar depends on: two requests with equal keys share one grammar."""
         return json.dumps({"schema": self.schema, "strict": self.strict}, sort_keys=True, separators=(",", ":"))
 
+    def compile(self, compiler: xgr.GrammarCompiler) -> xgr.CompiledGrammar:
+        """Whitespace between JSON tokens is fixed (", " and ": ", no newlines), so a model cannot
+        stall emitting spaces."""
+        schema = FREE_JSON_OBJECT_SCHEMA if self.schema is None else dict(self.schema)
+        return compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=self.schema is not None and self.strict)
 
-def _fail(message: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{PARAM}: {message}", param=PARAM)
+
+def _fail(message: str, param: str = PARAM) -> InvalidRequestError:
+    return InvalidRequestError(f"{param}: {message}", param=param)
 
 
-def _load_schema(schema: Any, where: str) -> Mapping[str, Any]:
+def load_schema(schema: Any, where: str, param: str = PARAM) -> Mapping[str, Any]:
     """Return `schema` as a checked JSON-schema object (a JSON string holding one is accepted too)."""
     if schema is None:
-        raise _fail(f"{where} is required")
+        raise _fail(f"{where} is required", param)
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
-            raise _fail(f"{where} is not valid JSON: {e}") from e
+            raise _fail(f"{where} is not valid JSON: {e}", param) from e
     if not isinstance(schema, Mapping):
-        raise _fail(f"{where} must be a JSON object, got {type(schema).__name__}")
+        raise _fail(f"{where} must be a JSON object, got {type(schema).__name__}", param)
     schema = dict(schema)
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as e:
         location = "/".join(str(part) for part in e.path) or "(root)"
-        raise _fail(f"{where} is not a valid JSON schema at {location}: {e.message}") from e
+        raise _fail(f"{where} is not a valid JSON schema at {location}: {e.message}", param) from e
     return schema
 
 
@@ -68,7 +79,7 @@ def _parse_json_schema(spec: Any) -> ResponseFormat:
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise _fail("json_schema.strict must be a boolean")
-    schema = _load_schema(spec.get("schema"), "json_schema.schema")
+    schema = load_schema(spec.get("schema"), "json_schema.schema")
     return ResponseFormat("json_schema", schema, name=name, strict=strict is not False)
 
 
@@ -93,4 +104,4 @@ def parse_response_format(response_format: Mapping[str, Any] | None) -> Response
         return _parse_json_schema(response_format.get("json_schema"))
     if response_format.get("schema") is None:
         return ResponseFormat("json_object")
-    return ResponseFormat("json_object", _load_schema(response_format["schema"], "schema"))
+    return ResponseFormat("json_object", load_schema(response_format["schema"], "schema"))
