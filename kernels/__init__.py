@@ -8,7 +8,9 @@
 A stacks are [slots, r, in], B stacks [slots, out, r], each slot zero-padded to the max rank r,
 with the adapter's scaling already folded into B. x, A, B, y share one dtype (fp32/fp16/bf16);
 v is always float32, so both products accumulate in float32 and y is rounded once.
-Every function takes an optional `backend="auto"|"triton"|"torch"` (see dispatch.py).
+Every function takes an optional `backend="auto"|"triton"|"torch"` (see dispatch.py). The Triton
+shrink is deterministic and batch-invariant by default (configs.py; `set_deterministic(False)` or
+LORAX_KERNELS_DETERMINISTIC=0 selects the batch-adaptive split-K with atomics).
 A None meta means no token has an adapter: shrink returns zeros and expand leaves y as it is.
 """
 
@@ -18,17 +20,21 @@ from collections.abc import Sequence
 
 import torch
 
+from .configs import DETERMINISTIC_ENV_VAR, is_deterministic, set_deterministic
 from .dispatch import BACKEND_ENV_VAR, backend_module, resolve_backend
 from .meta import LoraBatchMeta, make_lora_meta
 
 __all__ = [
     "BACKEND_ENV_VAR",
+    "DETERMINISTIC_ENV_VAR",
     "LoraBatchMeta",
     "add_lora",
+    "is_deterministic",
     "lora_expand",
     "lora_shrink",
     "make_lora_meta",
     "resolve_backend",
+    "set_deterministic",
 ]
 
 

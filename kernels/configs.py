@@ -1,17 +1,40 @@
-"""Block sizes for the Triton kernels, from a small table keyed by shape.
+"""Block sizes for the Triton kernels, from a small table keyed by shape, and the shrink's split-K policy.
 
 Chosen by rule instead of `triton.autotune`, so a launch never benchmarks at run time (tests and
 the first request stay fast and deterministic). Keys: tokens per segment (bucketed), rank, and
-in_features (shrink) or widest output slice (expand); shrink's split-K also looks at how many
-token tiles the launch has, to keep the GPU busy when there are few. The values follow the usual shape of such
-tables (SGMV/punica, vLLM's LoRA defaults): tiny token blocks and deep split-K for decode, larger
-token blocks as segments grow. Re-tune on the target GPU with benchmarks/kernels.py.
+in_features (shrink) or widest output slice (expand). The values follow the usual shape of such
+tables (SGMV/punica, vLLM's LoRA defaults): tiny token blocks for decode, larger token blocks as
+segments grow. Re-tune on the target GPU with benchmarks/kernels.py.
+
+Split-K (the shrink's reduction over in_features spread over several programs) has two policies:
+  deterministic (default)  the split and the K block depend on in_features only, never on the batch,
+                           and the partial sums are added in a fixed order by a second small kernel:
+                           a token's result is bit-identical whatever shares its batch and run to run.
+  batch-adaptive           the split grows when the launch has few token tiles, partial sums meet in
+                           float32 atomics: the order of the adds, so the low bits, vary with the
+                           batch and from run to run. Kept to measure what determinism costs
+                           (benchmarks/kernels.py prints both).
+Switch with `set_deterministic()` or LORAX_KERNELS_DETERMINISTIC=0.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+DETERMINISTIC_ENV_VAR = "LORAX_KERNELS_DETERMINISTIC"
+_deterministic = os.environ.get(DETERMINISTIC_ENV_VAR, "1").strip().lower() not in ("0", "false", "no")
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Choose the shrink's split-K policy for this process (see the module docstring)."""
+    global _deterministic
+    _deterministic = bool(enabled)
+
+
+def is_deterministic() -> bool:
+    return _deterministic
 
 
 @dataclass(frozen=True)
@@ -20,6 +43,10 @@ class ShrinkConfig:
     block_n: int
     block_k: int
     split_k: int
+    k_per_split: int
+    """in_features each split covers: a contiguous range, a multiple of block_k."""
+    atomic: bool
+    """Partial sums meet in float32 atomics (batch-adaptive) rather than in a fixed-order sum."""
     num_warps: int
     num_stages: int
 
@@ -38,29 +65,50 @@ MIN_DOT_BLOCK = 16  # tl.dot needs every block dimension >= 16
 
 def padded_rank(rank: int) -> int:
     """The rank rounded up to a power of two >= 16; the padding is masked in the kernels."""
-    return max(MIN_DOT_BLOCK, 1 << (rank - 1).bit_length())
+    return _pow2_at_least(rank)
 
 
-TARGET_SHRINK_PROGRAMS = 256  # about two waves on a 132-SM H100
+def _pow2_at_least(n: int) -> int:
+    return max(MIN_DOT_BLOCK, 1 << (n - 1).bit_length())
 
 
-def shrink_config(segment_tokens: Sequence[int], num_slices: int, rank: int, in_features: int) -> ShrinkConfig:
-    """segment_tokens: token count of each segment. When the launch has few (segment, slice, token
-    block) tiles, the reduction over in_features is split so the GPU still gets enough programs."""
+TARGET_SHRINK_PROGRAMS = 256  # about two waves on a 132-SM H100 / H200
+DETERMINISTIC_BLOCK_K = {2: 128, 4: 64}
+"""By element size: keeps the [block_k, rank<=128] A tile plus the x tile, double-buffered, near 96 KiB
+of shared memory. Fixed per dtype (one per engine), never by the step's rank."""
+DETERMINISTIC_K_PER_SPLIT = 1024
+"""Each program of the deterministic shrink reduces over at most this many inputs: 4 splits at
+hidden 4096, 14 at Llama-3-8B's 14336 (down_proj). Decode launches get enough programs to load
+A at full bandwidth, and prefill pays ~2 x split_k x r float32 of partials per token, a few % of x."""
+
+
+def shrink_config(
+    segment_tokens: Sequence[int], num_slices: int, rank: int, in_features: int, element_size: int = 2
+) -> ShrinkConfig:
+    """segment_tokens: token count of each segment; element_size: bytes per element of x and A."""
     block_n = padded_rank(rank)
     max_tokens = max(segment_tokens)
     block_m = 16 if max_tokens <= 16 else 32 if max_tokens <= 64 else 64
+    if _deterministic:
+        # block_m only changes how many tokens one program holds, never the order of a token's sums.
+        block_k = min(DETERMINISTIC_BLOCK_K.get(element_size, 64), _pow2_at_least(in_features))
+        k_per_split = max(block_k, DETERMINISTIC_K_PER_SPLIT // block_k * block_k)
+        split_k = -(-in_features // k_per_split)
+        return ShrinkConfig(block_m, block_n, block_k, split_k, k_per_split, False, num_warps=4, num_stages=2)
     block_k = {16: 256, 32: 128, 64: 64}[block_m]
     if block_n >= 64:  # keep the [block_k, block_n] A tile in registers
         block_k = min(block_k, 64)
-    block_k = min(block_k, max(MIN_DOT_BLOCK, 1 << (in_features - 1).bit_length()))
+    block_k = min(block_k, _pow2_at_least(in_features))
     token_tiles = num_slices * sum(-(-count // block_m) for count in segment_tokens)
     k_blocks = -(-in_features // block_k)
     split_k = max(1, min(TARGET_SHRINK_PROGRAMS // token_tiles, k_blocks))
-    return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=2)
+    k_per_split = -(-k_blocks // split_k) * block_k
+    split_k = -(-in_features // k_per_split)
+    return ShrinkConfig(block_m, block_n, block_k, split_k, k_per_split, split_k > 1, num_warps=4, num_stages=2)
 
 
 def expand_config(max_segment_tokens: int, rank: int, max_out_features: int) -> ExpandConfig:
+    """Expand reduces over the rank only, inside one tl.dot: deterministic whatever the block sizes."""
     block_k = padded_rank(rank)
     if max_segment_tokens <= 16:
         block_m, block_n = 16, 128
@@ -70,5 +118,5 @@ def expand_config(max_segment_tokens: int, rank: int, max_out_features: int) -> 
         block_m, block_n = 64, 128
     if block_k >= 128:
         block_n = 64
-    block_n = min(block_n, max(MIN_DOT_BLOCK, 1 << (max_out_features - 1).bit_length()))
+    block_n = min(block_n, _pow2_at_least(max_out_features))
     return ExpandConfig(block_m, block_n, block_k, num_warps=4, num_stages=2)

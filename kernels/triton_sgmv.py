@@ -6,7 +6,10 @@ indices, so a segment's tokens need not be contiguous in the batch). Tokens with
 belong to no segment and are never touched. Several slices (e.g. q, k, v) run in one launch: their
 weight base pointers, strides, output widths and column offsets travel as small int64 tables.
 
-shrink: v[s, t, :r] = x[t] @ A_s[slot]^T, split-K over in_features (float32 atomics when split).
+shrink: v[s, t, :r] = x[t] @ A_s[slot]^T, split-K over in_features. By default the split is fixed
+by in_features and each split writes its partial sum to a workspace that `_sum_splits_kernel` adds
+up in split order: a token's v is bit-identical whatever shares its batch (see configs.py; the
+batch-adaptive split with float32 atomics remains as an option).
 expand: y[t, off_s : off_s + out_s] += v[s, t] @ B_s[slot]^T, read-modify-write of y in place.
 v is float32. Rank is padded to a power of two >= 16 and masked, so any rank works (4, 8, 48, 128).
 Weight stacks [slots, r, in] / [slots, out, r] may be strided views (e.g. a rank slice of a
@@ -38,24 +41,28 @@ B_TABLE_COLUMNS: tl.constexpr = tl.constexpr(5)  # base pointer, slot stride, ou
 def _shrink_kernel(
     x_ptr,
     a_table,
-    v_ptr,
+    out_ptr,
     sorted_tokens_ptr,
     segment_slots_ptr,
     segment_starts_ptr,
     segment_counts_ptr,
     in_features,
+    k_per_split,
     rank,
     stride_xt,
     stride_xk,
-    stride_vs,
-    stride_vt,
+    stride_os,
+    stride_ot,
+    stride_osplit,
     NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    OUTPUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """OUTPUT: 0 = store into v rows by token; 1 = atomic-add into v rows by token;
+    2 = store this split's partial into workspace[split, slice, sorted position]."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     segment = tl.program_id(2) // NUM_SLICES
@@ -76,9 +83,11 @@ def _shrink_kernel(
     a_base = tl.load(a_entry).to(tl.pointer_type(x_ptr.dtype.element_ty)) + slot * tl.load(a_entry + 1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, in_features, SPLIT_K * BLOCK_K):
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, in_features)
+    for k0 in range(k_begin, k_end, BLOCK_K):  # one contiguous range per split, in order
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < in_features
+        mask_k = offs_k < k_end
         x_tile = tl.load(
             x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :],
@@ -91,12 +100,51 @@ def _shrink_kernel(
         )
         acc += tl.dot(x_tile, a_tile, input_precision=DOT_PRECISION)
 
-    v_ptrs = v_ptr + slice_id * stride_vs + tokens[:, None] * stride_vt + offs_n[None, :]
-    v_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(v_ptrs, acc, mask=v_mask)
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if OUTPUT == 2:
+        rows = start + offs_m
+        partial_ptrs = out_ptr + pid_k * stride_osplit + slice_id * stride_os + rows[:, None] * stride_ot + offs_n[None, :]
+        tl.store(partial_ptrs, acc, mask=out_mask)
     else:
-        tl.atomic_add(v_ptrs, acc, mask=v_mask)
+        v_ptrs = out_ptr + slice_id * stride_os + tokens[:, None] * stride_ot + offs_n[None, :]
+        if OUTPUT == 1:
+            tl.atomic_add(v_ptrs, acc, mask=out_mask)
+        else:
+            tl.store(v_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    partials_ptr,
+    v_ptr,
+    token_positions_ptr,
+    num_tokens,
+    rank,
+    stride_psplit,
+    stride_ps,
+    stride_pn,
+    stride_vs,
+    stride_vt,
+    SPLIT_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """v[s, t] = sum over splits, in split order, of the partials at t's sorted position; 0 for
+    tokens without an adapter. Writes every row of v, so v needs no zero-fill."""
+    slice_id = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < num_tokens
+    positions = tl.load(token_positions_ptr + offs_t, mask=mask_t, other=-1)
+    has_adapter = positions >= 0
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    load_mask = has_adapter[:, None] & mask_r[None, :]
+    base = partials_ptr + slice_id * stride_ps + positions[:, None] * stride_pn + offs_r[None, :]
+    total = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        total += tl.load(base + split * stride_psplit, mask=load_mask, other=0.0)
+    v_ptrs = v_ptr + slice_id * stride_vs + offs_t[:, None] * stride_vt + offs_r[None, :]
+    tl.store(v_ptrs, total, mask=mask_t[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -167,32 +215,59 @@ def lora_shrink(x: torch.Tensor, a_stacks: Sequence[torch.Tensor], meta: LoraBat
     _check_unit_inner_stride(a_stacks, "A")
     num_slices = len(a_stacks)
     _, rank, in_features = a_stacks[0].shape
-    v = torch.zeros(num_slices, x.shape[0], rank, dtype=torch.float32, device=x.device)
-    config = shrink_config(meta.segment_counts_host, num_slices, rank, in_features)
+    num_tokens = x.shape[0]
+    config = shrink_config(meta.segment_counts_host, num_slices, rank, in_features, x.element_size())
+    fixed_order_sum = config.split_k > 1 and not config.atomic
+    if fixed_order_sum:
+        v = torch.empty(num_slices, num_tokens, rank, dtype=torch.float32, device=x.device)
+        out = torch.empty(config.split_k, num_slices, len(meta.sorted_token_indices), rank, dtype=torch.float32, device=x.device)
+        out_strides = (out.stride(1), out.stride(2), out.stride(0))
+        output_mode = 2
+    else:
+        v = out = torch.zeros(num_slices, num_tokens, rank, dtype=torch.float32, device=x.device)
+        out_strides = (v.stride(0), v.stride(1), 0)
+        output_mode = 1 if config.atomic else 0
     grid = (triton.cdiv(meta.max_segment_tokens, config.block_m), config.split_k, meta.num_segments * num_slices)
     _shrink_kernel[grid](
         x,
         _int64_table(tuple((a.data_ptr(), a.stride(0), a.stride(1)) for a in a_stacks), x.device),
-        v,
+        out,
         meta.sorted_token_indices,
         meta.segment_slots,
         meta.segment_starts,
         meta.segment_counts,
         in_features,
+        config.k_per_split,
         rank,
         x.stride(0),
         x.stride(1),
-        v.stride(0),
-        v.stride(1),
+        *out_strides,
         NUM_SLICES=num_slices,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
-        SPLIT_K=config.split_k,
+        OUTPUT=output_mode,
         DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if fixed_order_sum:
+        block_t = 32
+        _sum_splits_kernel[(triton.cdiv(num_tokens, block_t), num_slices)](
+            out,
+            v,
+            meta.token_positions,
+            num_tokens,
+            rank,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            v.stride(0),
+            v.stride(1),
+            SPLIT_K=config.split_k,
+            BLOCK_T=block_t,
+            BLOCK_R=config.block_n,
+        )
     return v
 
 

@@ -22,8 +22,9 @@ PROMPTS = [
 
 
 def make_engine(model_dir: Path, adapter_roots: list[Path] | None = None, **overrides) -> LLMEngine:
+    # device="cpu": the references (transformers, PEFT) run on the CPU in float32; tests/test_gpu_engine.py covers CUDA.
     values = dict(max_loras=4, max_lora_rank=16, kv_cache_bytes=8 << 20, max_model_len=256,
-                  adapter_roots=[str(r) for r in adapter_roots or []])
+                  adapter_roots=[str(r) for r in adapter_roots or []], device="cpu")
     values.update(overrides)
     return LLMEngine(model_dir, EngineConfig(**values)).start()
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import mlflow
 
-TINY_ENGINE = {"kv_cache_bytes": 8 << 20, "max_model_len": 256, "max_loras": 4, "max_lora_rank": 16}
+# device "cpu": the tests compare with CPU float32 references, also on a machine with a GPU.
+TINY_ENGINE = {"kv_cache_bytes": 8 << 20, "max_model_len": 256, "max_loras": 4, "max_lora_rank": 16, "device": "cpu"}
 """Engine config for models built on the tiny test Llama: a small KV cache, 4 slots of rank <= 16."""
 
 

@@ -134,7 +134,7 @@ def test_the_engine_serves_each_demo_adapter_with_its_behaviour_in_one_mixed_bat
     from lorax_mlflow.engine.llm_engine import LLMEngine
     from lorax_mlflow.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(default_model_path(), EngineConfig(max_loras=4, max_lora_rank=16),
+    engine = LLMEngine(default_model_path(), EngineConfig(max_loras=4, max_lora_rank=16, device="cpu"),
                        named_adapters=demo_adapters).start()
     try:
         params = SamplingParams(max_tokens=40, temperature=0.0)

@@ -59,6 +59,7 @@ KERNEL_CASES = [
     KernelCase("rank_128", _random_slots(6, 2, seed=5), 2, 40, (24,), 128),
     KernelCase("slices_of_different_widths", _random_slots(10, 3, seed=6), 3, 64, (48, 16, 16), 8),
     KernelCase("split_k_over_long_input", _random_slots(7, 2, seed=7), 2, 520, (24,), 8),
+    KernelCase("fixed_order_split_sum", _random_slots(7, 3, seed=10), 3, 2600, (24, 16), 8),  # > 1024 inputs: 3 splits
     KernelCase("long_segments", _random_slots(150, 3, seed=8), 3, 48, (40, 24), 16),
     KernelCase("rank_slice_of_wider_buffers", _random_slots(9, 3, seed=9), 3, 40, (24, 16), 8, buffer_rank=32),
 ]
@@ -171,6 +172,16 @@ def test_meta_is_none_when_no_token_has_an_adapter():
 def test_meta_index_tensors_go_to_the_requested_device():
     meta = make_lora_meta(torch.tensor([0, 1]), num_slots=2, device="meta")
     assert meta.sorted_token_indices.device.type == "meta" and meta.segment_counts_host == (1, 1)
+
+
+def test_meta_from_a_host_list_matches_the_tensor_form_and_maps_tokens_to_sorted_positions():
+    """The engine passes the Python slot list it built the step from: nothing is copied back."""
+    from_list = make_lora_meta([2, -1, 0, 2, 1, 0], num_slots=4)
+    from_tensor = make_lora_meta(torch.tensor([2, -1, 0, 2, 1, 0]), num_slots=4)
+    for name in ("sorted_token_indices", "segment_slots", "segment_starts", "segment_counts", "token_positions"):
+        assert torch.equal(getattr(from_list, name), getattr(from_tensor, name)), name
+    assert from_list.token_positions.tolist() == [3, -1, 0, 4, 2, 1]  # sorted order: tokens 2, 5, 4, 0, 3
+    assert make_lora_meta([-1, -1], num_slots=4) is None
 
 
 @pytest.mark.parametrize("token_lora", [[0, 4], [-2, 0]])

@@ -115,8 +115,7 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
-        slots = torch.tensor(token_slots, dtype=torch.long)
-        meta = make_lora_meta(slots.to(self.device), self.config.max_loras)
+        meta = make_lora_meta(token_slots, self.config.max_loras, device=self.device)  # host-built, one copy up
         routing = None
         if meta is not None:
             rank = max(slot_ranks[s] for s in set(token_slots) if s >= 0)
