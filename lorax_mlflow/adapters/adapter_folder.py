@@ -20,8 +20,9 @@ class BaseModelShape:
 
     modules: Mapping[str, tuple[int, int]]
     """module path -> (in_features, out_features) of each LoRA-able Linear."""
-    hidden_size: int
-    vocab_size: int
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    """None when the engine serves no Medusa heads."""
 
 
 def load_adapter_folder(
@@ -45,6 +46,8 @@ def load_adapter_folder(
         return load_peft_adapter(
             folder, name, base.modules, max_rank=max_rank, target_modules=target_modules, dtype=dtype
         )
+    if base.hidden_size is None or base.vocab_size is None:
+        raise AdapterValidationError(f"adapter {name!r} carries Medusa heads, which this engine does not serve")
     medusa = load_medusa_heads(
         folder, name, medusa_config, hidden_size=base.hidden_size, vocab_size=base.vocab_size, dtype=dtype
     )

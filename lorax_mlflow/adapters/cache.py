@@ -82,10 +82,11 @@ class AdapterCache:
         target_modules: tuple[str, ...],
         host_cache_bytes: int,
         dtype: torch.dtype,
-        hidden_size: int,
-        vocab_size: int,
+        hidden_size: int | None = None,
+        vocab_size: int | None = None,
     ) -> None:
-        """`hidden_size` and `vocab_size` are the base model's, which Medusa heads must match."""
+        """`hidden_size` and `vocab_size` are the base model's, which Medusa heads must match (None: Medusa
+        adapters are refused)."""
         self.slots = slots
         self.base = BaseModelShape(dict(base_modules), hidden_size, vocab_size)
         self.base_model_name = base_model_name
