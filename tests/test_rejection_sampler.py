@@ -126,3 +126,33 @@ def test_seeded_row_is_reproducible_whatever_else_is_in_the_batch():
 )
 def test_prompt_lookup_proposes_what_followed_the_latest_match(tokens, k, expected):
     assert propose_prompt_lookup(tokens, k) == expected
+
+
+def test_verify_emits_the_greedy_chain_with_raw_logprobs_and_mixes_draft_counts():
+    from dataclasses import dataclass, field
+
+    from lorax_mlflow.engine.sampler import Sampler
+    from lorax_mlflow.engine.sampling_params import SamplingParams
+    from lorax_mlflow.engine.speculative import verify
+
+    @dataclass
+    class Row:
+        params: SamplingParams
+        prompt_token_ids: list = field(default_factory=list)
+        output_token_ids: list = field(default_factory=list)
+        generator: object = None
+        grammar: object = None
+
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(5))  # row 0: 3 positions, row 1: 1, row 2: 2
+    argmax = logits.argmax(-1).tolist()
+    rows = [Row(SamplingParams(temperature=0.0, logprobs=2)), Row(SamplingParams(temperature=0.0)),
+            Row(SamplingParams(temperature=0.0))]
+    drafts = [[argmax[0], (argmax[1] + 1) % VOCAB], [], [argmax[4]]]
+
+    out = verify(Sampler(VOCAB, set(), seed=0), logits, rows, drafts)
+
+    assert [r.token_ids for r in out] == [[argmax[0], argmax[1]], [argmax[3]], [argmax[4], argmax[5]]]
+    assert [(r.num_drafts, r.num_accepted) for r in out] == [(2, 1), (0, 0), (1, 1)]
+    raw = torch.log_softmax(logits, -1)
+    assert out[0].logprobs == pytest.approx([raw[0, argmax[0]].item(), raw[1, argmax[1]].item()])
+    assert [t for t, _ in out[0].top[1]] == raw[1].topk(2).indices.tolist() and out[1].top is None

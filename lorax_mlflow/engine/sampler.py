@@ -113,6 +113,11 @@ class Sampler:
         else:
             self._generator.manual_seed(seed)
 
+    @property
+    def shared_generator(self) -> torch.Generator:
+        """The generator unseeded rows draw from (speculative verification draws from it too)."""
+        return self._generator
+
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> SamplerOutput:
         raw = self._raw(logits, rows)
         if not any(_needs_processing(row.params, row.grammar is not None) for row in rows):
