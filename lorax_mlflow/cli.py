@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-adapter-management", action="store_true",
                        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, protected by the "
                        f"admin token in ${ADMIN_TOKEN_ENV} (required)")
+    serve.add_argument("--replicas", type=int, default=0, metavar="N",
+                       help="serve with N engine replicas (one core each) on a local Ray cluster, requests "
+                       "routed by adapter id (needs the ray extra: pip install lorax-mlflow[ray])")
     return parser
 
 
@@ -123,6 +126,8 @@ def serve(args: argparse.Namespace) -> int:
     model_uri = args.model_uri
     preloads = parse_preloads(args.preload_adapters)
     token = admin_token(args)
+    if args.replicas:
+        return serve_replicas(args, preloads)
 
     def load():
         served = load_served_model(model_uri or str(default_model_path()))
@@ -132,6 +137,22 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(load, admin_token=token)
     logger.info("serving %s on http://%s:%d", model_uri or "the embedded default model", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def serve_replicas(args: argparse.Namespace, preloads: dict[str, str]) -> int:
+    """`serve --replicas N`: the Ray Serve application on a local Ray cluster."""
+    if args.enable_adapter_management:
+        raise SystemExit("--enable-adapter-management is not available with --replicas (names would differ "
+                         "between replicas); use --preload-adapter")
+    try:
+        from lorax_mlflow.ray import run_local
+    except ImportError as error:
+        raise SystemExit(f"--replicas needs Ray Serve: pip install 'lorax-mlflow[ray]' ({error})") from error
+    engine_env = {name: value for name, value in os.environ.items()
+                  if name.startswith("LORAX_") and name != ADMIN_TOKEN_ENV}
+    run_local(args.model_uri, replicas=args.replicas, host=args.host, port=args.port, engine_env=engine_env,
+              preload_adapters=preloads)
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.adapters.merge import MergeSpec
+from lorax_mlflow.adapters.sources import ADAPTER_SOURCES
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import InvalidRequestError
 from lorax_mlflow.structured.request import parse_structured_output
@@ -102,8 +103,8 @@ def adapter_request(
     if not isinstance(adapter_id, str):
         raise InvalidRequestError("adapter_id must be a string", param="adapter_id")
     source = body.get("adapter_source")
-    if source is not None and source not in ("hub", "local", "s3"):
-        raise InvalidRequestError("adapter_source must be one of hub, local, s3", param="adapter_source")
+    if source is not None and source not in ADAPTER_SOURCES:
+        raise InvalidRequestError(f"adapter_source must be one of {', '.join(ADAPTER_SOURCES)}", param="adapter_source")
     merged = body.get("merged_adapters")
     merge_spec = None
     if merged is not None:

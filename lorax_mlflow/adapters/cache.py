@@ -190,6 +190,11 @@ class AdapterCache:
             return request
         return replace(request, adapter_id=target.adapter_id, adapter_source=target.adapter_source)
 
+    def host_capacity(self) -> int:
+        """How many adapters of the largest accepted rank fit in the host-memory budget (at least 1)."""
+        per_rank = sum(n_in + n_out for n_in, n_out in self.base.modules.values()) * self.dtype.itemsize
+        return max(1, self.host_cache_bytes // max(per_rank * self.max_rank, 1))
+
     def adapter_stats(self) -> dict[str, AdapterStats]:
         """A snapshot of the counters of every adapter requested so far, by adapter id."""
         with self._lock:
