@@ -1,4 +1,5 @@
-"""Adapter loading and swapping on the embedded default model (SmolLM2-135M, CPU), in one process.
+"""Adapter loading and swapping on the embedded default model (SmolLM2-135M), in one process, on the
+engine's default device and dtype (the headers name both).
 
 1. Cold load latency: local PEFT folder -> weights in host memory -> placed in a device slot, for
    ranks 8/16/64 (all 7 projections). Each measurement uses an adapter the engine has never seen;
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.common import ALL_TARGETS, PROMPTS, machine_line
+from benchmarks.common import ALL_TARGETS, PROMPTS, device_label, machine_line
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.default_model import cache_root, default_model_path
 from lorax_mlflow.engine.config import EngineConfig
@@ -149,9 +150,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = default_model_path()
+    defaults = EngineConfig()  # every engine here runs on the default device and dtype
+    ran_on = device_label(defaults.resolved_device(), defaults.resolved_dtype())
 
     cold = measure_cold_loads(base, args.ranks, args.repeats)
-    print(f"\nCold adapter load, SmolLM2-135M fp32 CPU, 7 projections x 30 layers, median of {args.repeats}; "
+    print(f"\nCold adapter load, SmolLM2-135M {ran_on}, 7 projections x 30 layers, median of {args.repeats}; "
           f"{machine_line()}")
     print(f"{'rank':>5} {'resolve+load ms':>16} {'slot placement ms':>18} {'total ms':>9}")
     for rank, load, place, total in cold:
@@ -164,7 +167,7 @@ def main() -> None:
         return
     results = measure_throughput(base, args)
     print(f"\n{args.clients} clients (closed loop), {args.requests} requests x {args.max_tokens} new tokens, "
-          f"r={args.rank}; {machine_line()}")
+          f"r={args.rank}, SmolLM2-135M {ran_on}; {machine_line()}")
     print(f"{'run':<28} {'tokens/s':>9} {'vs 8 adapters':>14} {'slot placements':>16} {'disk loads':>11}")
     reference = results[1][1]
     for name, rate, counts in results:

@@ -47,3 +47,10 @@ def machine_line() -> str:
     load = os.getloadavg()
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"threads {torch.get_num_threads()}, load avg {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+
+
+def device_label(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What a run actually ran on: dtype, device type and, on a GPU, its model (print machine_line() for the CPU)."""
+    device = torch.device(device)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return f"{str(dtype).removeprefix('torch.')} on {device.type}{name}"

@@ -1,4 +1,4 @@
-"""Generation-feature throughput on the embedded default model (CPU): the full sampler and JSON output.
+"""Generation-feature throughput on the embedded default model: the full sampler and JSON output.
 
 16 concurrent requests, all in one engine, each mode run --repeats times interleaved with the others
 (the median is reported, so a burst of load on a shared machine hits every mode alike):
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
-from benchmarks.common import PROMPTS, machine_line
+from benchmarks.common import PROMPTS, device_label, machine_line
 from lorax_mlflow.default_model import default_model_path
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.llm_engine import LLMEngine
@@ -163,7 +163,8 @@ def main() -> None:
 
     median = {name: sorted(runs, key=lambda m: m.tokens_per_s)[len(runs) // 2] for name, runs in samples.items()}
     greedy = median["greedy (= free)"].tokens_per_s
-    print(f"\n{args.requests} concurrent requests, max {args.max_tokens} new tokens, SmolLM2-135M fp32 CPU, "
+    print(f"\n{args.requests} concurrent requests, max {args.max_tokens} new tokens, "
+          f"SmolLM2-135M {device_label(engine.runner.device, engine.runner.dtype)}, "
           f"median of {args.repeats}; {machine_line()}")
     print(f"{'mode':<22} {'tokens/s':>9} {'tokens':>7} {'s':>7} {'sampler ms/step':>16} {'vs greedy':>10} "
           f"{'all runs tokens/s':>24}")

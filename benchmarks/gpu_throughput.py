@@ -33,8 +33,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.utils import logging as transformers_logging
 
-from benchmarks.common import ALL_TARGETS, machine_line
+from benchmarks.common import ALL_TARGETS, device_label, machine_line
 from benchmarks.kernels import DTYPES, copy_bandwidth_bytes_per_ms
+from lorax_kernels import is_deterministic, resolve_backend
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.default_model import default_model_path
 from lorax_mlflow.engine.config import EngineConfig
@@ -208,11 +209,13 @@ def measure_engine(args: argparse.Namespace, config: LlamaConfig, dtype: torch.d
 def print_report(args: argparse.Namespace, dtype: torch.dtype, bandwidth: float, runner: ModelRunner,
                  results: dict[str, tuple[float, list[DecodeStep]]], peft_tps: float | None) -> None:
     device = torch.device(args.device)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_line()
+    backend = resolve_backend(torch.empty(0, device=device))
+    policy = "deterministic" if is_deterministic() else "batch-adaptive atomics"
     print(f"\n{args.requests} requests x {args.max_tokens} new tokens ({args.prompt_tokens}-token prompts), "
           f"{args.adapters} adapters r={args.rank}; random Llama: {args.layers} layers, hidden {args.hidden}, "
-          f"intermediate {args.intermediate}, heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab}, "
-          f"{str(dtype).removeprefix('torch.')} on {device}; {device_name}")
+          f"intermediate {args.intermediate}, heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab}; "
+          f"engine and PEFT in {device_label(device, dtype)}; LoRA kernels {backend}"
+          + (f", shrink split-K {policy}" if backend == "triton" else "") + f"; {machine_line()}")
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print(f"{'run':<30} {'tokens/s':>10} {'decode step ms':>15} {'roofline ms':>12} {'step/roofline':>14}")
     step_ratios = {}

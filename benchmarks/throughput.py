@@ -1,4 +1,5 @@
-"""Multi-adapter throughput on the embedded default model (CPU), all baselines in the same process.
+"""Multi-adapter throughput on the embedded default model, all baselines in the same process, on the
+engine's device and dtype (the header names both; PEFT runs on the same).
 
 16 concurrent requests x 64 new tokens over 8 distinct r=16 adapters (all 7 projections):
   engine base-only | engine with 8 adapters | PEFT mixed-batch generate(adapter_names=...) |
@@ -15,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.common import PROMPTS, machine_line, make_random_adapters
+from benchmarks.common import PROMPTS, device_label, machine_line, make_random_adapters
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.default_model import cache_root, default_model_path
 from lorax_mlflow.engine.config import EngineConfig
@@ -44,7 +45,7 @@ def run_engine(engine: LLMEngine, prompts, adapter_ids, max_tokens: int) -> floa
 def run_peft_mixed(peft_model, tokenizer, prompts, names, max_tokens: int) -> float:
     texts = [tokenizer.decode(p) for p in prompts]
     tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(peft_model.device)
     started = time.perf_counter()
     with torch.no_grad():
         out = peft_model.generate(**batch, adapter_names=names, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
@@ -59,7 +60,7 @@ def run_peft_sequential(peft_model, prompts, names, max_tokens: int, pad_id: int
     with torch.no_grad():
         for prompt, name in zip(prompts, names):
             peft_model.set_adapter(name)
-            out = peft_model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+            out = peft_model.generate(torch.tensor([prompt], device=peft_model.device), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                       do_sample=False, pad_token_id=pad_id)
             tokens += out.shape[1] - len(prompt)
     return tokens / (time.perf_counter() - started)
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--num-threads", type=int, default=None, help="engine thread's torch threads")
+    parser.add_argument("--device", default="auto", help="engine and PEFT device (auto: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="engine and PEFT dtype (auto: the engine's default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -85,7 +88,9 @@ def main() -> None:
     per_request = [names[i % len(names)] for i in range(args.requests)]
 
     engine = LLMEngine(base, EngineConfig(max_loras=args.adapters, max_lora_rank=args.rank,
-                                          adapter_roots=[str(adapter_dir)], num_threads=args.num_threads)).start()
+                                          adapter_roots=[str(adapter_dir)], num_threads=args.num_threads,
+                                          device=args.device, dtype=args.dtype)).start()
+    device, dtype = engine.runner.device, engine.runner.dtype
     paths = [str(adapters[n]) for n in per_request]
     run_engine(engine, prompts[:len(names)], paths[:len(names)], 4)  # warm-up: loads every adapter into a slot
     run_engine(engine, prompts[:2], [None, None], 4)
@@ -97,7 +102,7 @@ def main() -> None:
 
     from peft import PeftModel
 
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()  # same device and dtype
     peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(adapters[name], adapter_name=name)
@@ -109,7 +114,8 @@ def main() -> None:
 
     mixed = results[f"engine, {args.adapters} adapters"]
     print(f"\n{args.requests} requests x {args.max_tokens} new tokens, {args.adapters} adapters r={args.rank}, "
-          f"SmolLM2-135M fp32 CPU, engine threads {args.num_threads or 'default'}; {machine_line()}")
+          f"SmolLM2-135M {device_label(device, dtype)}, engine threads {args.num_threads or 'default'}; "
+          f"{machine_line()}")
     print(f"{'run':<32} {'tokens/s':>10} {'engine-mixed / this':>20}")
     for name, value in results.items():
         print(f"{name:<32} {value:>10.1f} {mixed / value:>20.2f}x")

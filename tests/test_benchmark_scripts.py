@@ -5,10 +5,14 @@ No timing is asserted: the numbers depend on the machine; only that each row and
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"\d+(?:\.\d+)?"
@@ -43,3 +47,31 @@ def test_gpu_throughput_prints_each_run_its_roofline_and_the_target_ratios():
         r"decode step / roofline, engine, 2 adapters = {n} \(target <= 2\)",
     ):
         assert re.search("^" + ratio.format(n=NUMBER) + "$", out, re.M), out
+
+
+def test_kernel_benchmark_labels_the_device_and_dtype_it_ran_and_prints_every_column():
+    out = run_module("benchmarks.kernels", "--device", "cpu", "--small", "--tokens", "4", "--adapters", "2",
+                     "--repeats", "1")
+
+    assert re.search(r"^float32 on cpu; .*; rank=16 backend=torch shrink split-K=deterministic ", out, re.M), out
+    columns = ["in->out", "T", "adapters", "ours ms", "floor ms", "ours/floor", "split ms", "splitK ms", "det/splitK",
+               "loop ms", "loop/ours", "gather+bmm ms", "gather/ours"]
+    assert re.search(r"^\| +" + r" \| +".join(re.escape(c) for c in columns) + r" \|$", out, re.M), out
+    for shape in ("1024->1024", "1024->3584"):  # --small: Llama-3-8B hidden sizes / 4
+        # splitK (the batch-adaptive Triton shrink) is timed only on the Triton backend
+        cells = [shape, "4", "2", *[NUMBER] * 4, "-", "-", *[NUMBER] * 4]
+        assert re.search(r"^\| +" + r" \| +".join(cells) + r" \|$", out, re.M), out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_gpu_check_stops_at_once_and_says_why_without_cuda(tmp_path):
+    log = tmp_path / "gpu_check.log"
+    done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GPU_CHECK_LOG": str(log)})
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "gpu_check: FAILED: no CUDA device visible to torch" in done.stdout
+    assert "===" not in done.stdout.replace("=== gpu_check summary", ""), "no stage may start without CUDA"
+    assert "cuda: none, nothing run" in done.stdout
+    assert f"gpu_check: log written to {log}" in done.stdout
+    assert "no CUDA device visible" in log.read_text()

@@ -251,6 +251,7 @@ def test_backend_can_be_forced_by_environment_or_argument(monkeypatch):
         resolve_backend(torch.zeros(1), backend="cutlass")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_use_triton_by_default(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
