@@ -107,3 +107,25 @@ def test_adapters_over_the_byte_limit_are_refused_before_download(store, tiny_ad
     assert not any((tmp_path / "mlflow").glob("*/adapter_model.safetensors"))
     folder = AdapterSources([], tmp_path).fetch(parse_adapter_id(info.run_uri))
     assert (folder / "adapter_model.safetensors").is_file() and folder.is_relative_to(tmp_path.resolve())
+
+
+def test_mlflow_adapters_over_http_with_adapter_source(store, server, tiny_adapters, tmp_path):
+    import httpx
+
+    info = lorax_mlflow.log_adapter(tiny_adapters["b"], registered_model_name="http-adapter")
+    MlflowClient().set_registered_model_alias("http-adapter", "prod", info.version)
+
+    def chat(model: str, **extra) -> httpx.Response:
+        return httpx.post(server.v1 + "/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0,
+            **extra})
+
+    by_alias = chat("models:/http-adapter@prod", adapter_source="mlflow")
+    assert by_alias.status_code == 200, by_alias.text
+    assert by_alias.json()["choices"][0]["message"] == chat(str(tiny_adapters["b"])).json()["choices"][0]["message"]
+
+    other_base = build_tiny_model(tmp_path / "other-base", seed=9)
+    wrong = lorax_mlflow.log_adapter(build_peft_adapter(other_base, tmp_path / "wrong", rank=4, seed=2))
+    refused = chat(wrong.run_uri)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "adapter_base_mismatch"
+    assert chat("models:/http-adapter@missing").status_code == 404
