@@ -10,7 +10,13 @@ on adapter i % 8, greedy with exactly `--max-tokens` new tokens each.
 
 Prints requests/s, output tokens/s, time to first token p50/p99 and inter-token latency p50/p99,
 then the ratios server/engine (target >= 0.9) and server/mlflow.
-Run from the repository root: python -m benchmarks.serving [--requests 64 --max-tokens 32]
+
+`--long-prompt` runs the long-prompt case instead, through the server: `--streams` streams are
+decoding when one ~`--long-tokens`-token prompt arrives. Prints the long request's time to first
+token alone and under that load (target: <= 1.5x), and the streams' largest inter-token gap
+against their median gap (target: <= 3x; without chunked prefill every stream stalls for the
+whole prefill).
+Run from the repository root: python -m benchmarks.serving [--requests 64 --max-tokens 32] [--long-prompt]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -231,6 +238,88 @@ def run_engine(model_path: Path, args, adapters: list[str]) -> LoadResult:
         served.service.engine.shutdown()
 
 
+# ----- long prompt under load ----------------------------------------------------------------------
+
+
+def long_prompt_text(tokens: int) -> str:
+    """A user message of about `tokens` tokens for the default model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    sentence = "The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
+    ids = tokenizer.encode(sentence * (tokens // 10 + 10))[:tokens]
+    return tokenizer.decode(ids)
+
+
+@dataclass
+class LongPromptResult:
+    ttft_alone_s: float
+    ttft_loaded_s: float
+    stream_median_gap_ms: float
+    stream_max_gap_ms: float
+
+
+async def long_prompt_case(url: str, args, adapters: list[str]) -> LongPromptResult:
+    text = long_prompt_text(args.long_tokens)
+    limits = httpx.Limits(max_connections=args.streams + 2, max_keepalive_connections=args.streams + 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        send = streaming_chat_sender(client, url, adapters, args.max_tokens)
+
+        async def long_request(timing: RequestTiming) -> None:
+            body = {"model": adapters[0], "messages": [{"role": "user", "content": text}], "max_tokens": 4,
+                    "temperature": 0, "ignore_eos": True, "stream": True}
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]" and not timing.token_times:
+                        chunk = json.loads(line[6:])
+                        if any(c["delta"].get("content") for c in chunk["choices"]):
+                            timing.token_times.append(time.perf_counter())
+
+        for i in range(len(adapters)):  # warm-up: adapters loaded, first-call costs paid
+            await send(i, RequestTiming(time.perf_counter()))
+        await long_request(RequestTiming(time.perf_counter()))
+        alone = RequestTiming(time.perf_counter())
+        await long_request(alone)
+
+        streams = [RequestTiming(time.perf_counter()) for _ in range(args.streams)]
+        tasks = [asyncio.create_task(send(i, streams[i])) for i in range(args.streams)]
+        while min(len(t.token_times) for t in streams) < 4:  # every stream is decoding
+            await asyncio.sleep(0.05)
+        loaded = RequestTiming(time.perf_counter())
+        await long_request(loaded)
+        await asyncio.gather(*tasks)
+
+    gaps = [(b - a) * 1000 for t in streams for a, b in zip(t.token_times[1:], t.token_times[2:])]
+    return LongPromptResult(
+        ttft_alone_s=alone.token_times[0] - alone.started,
+        ttft_loaded_s=loaded.token_times[0] - loaded.started,
+        stream_median_gap_ms=percentile(gaps, 50),
+        stream_max_gap_ms=max(gaps),
+    )
+
+
+def run_long_prompt(model_path: Path, args, adapters: list[str]) -> LongPromptResult:
+    port = free_port()
+    command = [sys.executable, "-m", "lorax_mlflow.cli", "serve", "-m", str(model_path), "--port", str(port),
+               "--log-level", "warning", *shlex.split(args.server_args)]
+    process = start_process(command, f"http://127.0.0.1:{port}/health")
+    try:
+        return asyncio.run(long_prompt_case(f"http://127.0.0.1:{port}", args, adapters))
+    finally:
+        stop_process(process)
+
+
+def print_long_prompt(result: LongPromptResult, args) -> None:
+    print(f"{args.streams} streams decoding ({args.max_tokens} tokens each), one {args.long_tokens}-token prompt "
+          f"arrives (server, SSE)")
+    print(f"long request TTFT: alone {result.ttft_alone_s:.2f}s, under load {result.ttft_loaded_s:.2f}s "
+          f"-> {result.ttft_loaded_s / result.ttft_alone_s:.2f}x (target <= 1.5)")
+    print(f"streams' inter-token gap: median {result.stream_median_gap_ms:.0f}ms, largest "
+          f"{result.stream_max_gap_ms:.0f}ms -> {result.stream_max_gap_ms / result.stream_median_gap_ms:.2f}x "
+          f"(target <= 3)")
+
+
 # ----- report --------------------------------------------------------------------------------------
 
 
@@ -256,6 +345,11 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve`")
+    parser.add_argument("--long-prompt", action="store_true", help="run the long-prompt-under-load case instead")
+    parser.add_argument("--streams", type=int, default=16, help="long-prompt case: decoding streams")
+    parser.add_argument("--long-tokens", type=int, default=1500, help="long-prompt case: prompt tokens")
+    parser.add_argument("--server-args", default="",
+                        help='extra `lorax-mlflow serve` flags, e.g. --server-args="--prefill-chunk-tokens 128"')
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -268,6 +362,11 @@ def main() -> None:
         model_path = Path(tmp) / "serving-bench-model"
         lorax_mlflow.save_model(model_path, adapters=adapter_dirs, engine_config={"max_loras": args.adapters,
                                                                                   "max_lora_rank": args.rank})
+        if args.long_prompt:
+            result = run_long_prompt(model_path, args, adapters)
+            print(f"\n{machine_line()}")
+            print_long_prompt(result, args)
+            return
         results = [run_server(model_path, args, adapters), run_engine(model_path, args, adapters)]
         if not args.skip_mlflow:
             results.append(run_mlflow(model_path, args, adapters))

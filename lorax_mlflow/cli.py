@@ -15,6 +15,8 @@ ADMIN_TOKEN_ENV = "LORAX_ADMIN_TOKEN"
 # flag -> EngineConfig field; each is also read from LORAX_<FIELD> by EngineConfig.with_env_overrides.
 ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget of one engine step"),
+    "--prefill-chunk-tokens": ("prefill_chunk_tokens", int,
+                               "prefill tokens per step while others decode (default: learned from step times)"),
     "--max-num-seqs": ("max_num_seqs", int, "most sequences decoding at once"),
     "--kv-cache-bytes": ("kv_cache_bytes", int, "KV cache budget in bytes"),
     "--max-loras": ("max_loras", int, "adapters resident on the device at once"),

@@ -79,8 +79,8 @@ def test_lora_layer_equals_peft_module_for_the_same_adapter(tiny_model_dir, tiny
     }
     weights = load_peft_adapter(tiny_adapters["b"], "b", base_modules, max_rank=16, target_modules=ALL_TARGETS)
     base = model.get_submodule(name)
-    layer = MultiLoraLinear(base, max_loras=3, max_rank=16)
-    layer.set_slot(2, weights.a[name], weights.b[name])
+    layer = MultiLoraLinear([base], max_loras=3, max_rank=16)
+    layer.write_slot(2, 0, weights.a[name], weights.b[name], previous_rank=0)
 
     x = torch.randn(5, base.in_features)
     slots = torch.tensor([2, -1, 2, 2, -1])  # two tokens without adapter
@@ -88,3 +88,51 @@ def test_lora_layer_equals_peft_module_for_the_same_adapter(tiny_model_dir, tiny
         got = layer(x)
         expected = torch.where((slots >= 0)[:, None], peft_q(x), base(x))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def partial_adapter(tiny_model_dir, adapter_root):
+    """Targets only some slices of each fused group: q and v (not k), up (not gate)."""
+    from tests.helpers import build_peft_adapter
+
+    return build_peft_adapter(tiny_model_dir, adapter_root / "partial", rank=8, alpha=16, seed=21,
+                              targets=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("layout", ["cpu", "kernel"])
+def test_fused_qkv_and_gate_up_equal_unfused_projections(tiny_model_dir, tiny_adapters, partial_adapter, layout,
+                                                         monkeypatch):
+    """One GEMM for q/k/v and one for gate/up (and one LoRA shrink/expand each) give the same logits
+    as separate projections, for a batch mixing full adapters, a partial one and the base model; in
+    the CPU layout (one add_lora over block-diagonal B) and in the layout the Triton kernels take
+    (multi-slice lora_shrink + lora_expand, run here by their torch backend)."""
+    monkeypatch.setattr("lorax_mlflow.lora.layers.uses_cpu_layout", lambda device: layout == "cpu")
+    from lorax_kernels import make_lora_meta
+    from lorax_mlflow.adapters.peft_format import load_peft_adapter
+    from lorax_mlflow.lora.inject import inject_multi_lora
+    from lorax_mlflow.lora.layers import LoraSlice
+    from lorax_mlflow.lora.routing import LoraRouting, lora_routing
+    from lorax_mlflow.lora.slots import DeviceSlots
+
+    adapters = [tiny_adapters["a"], tiny_adapters["c"], partial_adapter]
+    logits = {}
+    for fuse in (True, False):
+        model = load_hf(tiny_model_dir)
+        handles = inject_multi_lora(model, tuple(ALL_TARGETS), max_loras=3, max_rank=16, fuse=fuse)
+        assert isinstance(model.model.layers[0].self_attn.k_proj, LoraSlice) == fuse
+        base_modules = {name: (h.in_features, h.out_features) for name, h in handles.items()}
+        slots = DeviceSlots(handles, 3)
+        for folder in adapters:
+            weights = load_peft_adapter(folder, folder.name, base_modules, max_rank=16, target_modules=ALL_TARGETS)
+            slots.place(folder.name, weights)
+        token_slots = torch.tensor([0, 0, 0, -1, -1, 1, 1, 2, 2, 2, 0, 2])
+        ids = torch.randint(0, 1000, (1, len(token_slots)), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), lora_routing(LoraRouting(make_lora_meta(token_slots, 3), 16)):
+            logits[fuse] = model(ids).logits
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_targeting_some_slices_of_a_fused_group_equals_peft(engine, tiny_model_dir, partial_adapter):
+    prompt = encode(tiny_model_dir, PROMPTS[3])
+    got = engine.submit(prompt, greedy(12), adapter(str(partial_adapter))).result().outputs[0].token_ids
+    assert got == peft_greedy(tiny_model_dir, partial_adapter, prompt, 12)

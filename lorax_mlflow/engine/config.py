@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 _SMALL_CPU_CORES = 4
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """The native bf16 matrix instruction sets of this CPU that torch can use (empty when none)."""
+    found = []
+    if torch.cpu._is_amx_tile_supported():
+        found.append("AMX")
+    if torch.cpu._is_avx512_bf16_supported():
+        found.append("AVX512-BF16")
+    return found
 
 
 @dataclass
@@ -18,6 +31,13 @@ class EngineConfig:
     """Most sequences decoding at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill tokens + one per decoding sequence)."""
+    prefill_chunk_tokens: int | None = None
+    """Prefill tokens a step may hold while other sequences decode (chunked prefill); None ->
+    learned from measured step times so that the prefill share of such a step costs about
+    `prefill_chunk_cost_ratio` decode steps."""
+    prefill_chunk_cost_ratio: float = 2.0
+    """Learned chunk target: with 2, a step carrying a chunk takes about 3 decode steps, and a long
+    prompt arriving under load reaches its first token about 1.5x later than alone."""
     max_model_len: int | None = None
     """Context window; None -> the model's max_position_embeddings capped at 8192."""
     block_size: int = 16
@@ -32,7 +52,8 @@ class EngineConfig:
     """Host-memory LRU budget for loaded adapters."""
     download_dir: str | None = None
     dtype: str = "auto"
-    """auto -> float32 on CPU, bfloat16 on CUDA."""
+    """auto -> bfloat16 on CUDA and on CPUs with native bf16 matrix instructions (AMX-BF16 or
+    AVX512-BF16), float32 on other CPUs (bf16 there is emulated and slower than fp32)."""
     device: str = "auto"
     seed: int = 0
     num_threads: int | None = None
@@ -44,6 +65,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         self.adapter_roots = [str(r) for r in self.adapter_roots]
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be at least 1")
+        if self.prefill_chunk_cost_ratio <= 0:
+            raise ValueError("prefill_chunk_cost_ratio must be positive")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -58,9 +85,20 @@ class EngineConfig:
         return 1 if small_cpu else None
 
     def resolved_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        device = self.resolved_device()
+        if device.type == "cuda":
+            logger.info("dtype auto: bfloat16 (CUDA)")
+            return torch.bfloat16
+        if device.type == "cpu":
+            native = cpu_bf16_instructions()
+            if native:
+                logger.info("dtype auto: bfloat16 (this CPU has native bf16 matrix instructions: %s)", ", ".join(native))
+                return torch.bfloat16
+            logger.info("dtype auto: float32 (this CPU (%s) has no AMX-BF16 / AVX512-BF16 instructions; bf16 "
+                        "would be emulated, slower than fp32)", torch.backends.cpu.get_cpu_capability())
+        return torch.float32
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -85,8 +123,10 @@ class EngineConfig:
             current = getattr(self, f.name)
             if isinstance(current, (list, tuple)):
                 updates[f.name] = [part for part in raw.split(os.pathsep if f.name == "adapter_roots" else ",") if part]
-            elif f.name in ("max_model_len", "kv_cache_bytes", "num_threads") or isinstance(current, int):
+            elif f.name in ("max_model_len", "kv_cache_bytes", "num_threads", "prefill_chunk_tokens") or isinstance(current, int):
                 updates[f.name] = int(raw)
+            elif isinstance(current, float):
+                updates[f.name] = float(raw)
             else:
                 updates[f.name] = raw
         return EngineConfig(**{**asdict(self), **updates}) if updates else self

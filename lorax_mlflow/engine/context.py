@@ -1,7 +1,8 @@
 """The attention context of one step, read by the registered attention function.
 
 The runner builds it once per step (all index and mask work happens here, once, not per layer)
-and sets it around the forward pass.
+and sets it around the forward pass. The step's tokens are packed with the one-token rows
+(decodes) first, then one contiguous run of tokens per prefill chunk.
 """
 
 from __future__ import annotations
@@ -17,19 +18,41 @@ _local = threading.local()
 
 
 @dataclass
+class DecodeRows:
+    """The step's first ``num_rows`` tokens: one query row each, over its paged context."""
+
+    num_rows: int
+    block_tables: torch.Tensor
+    """[num_rows, max_blocks] KV block of each context block of each row (padding -> block 0)."""
+    key_mask: torch.Tensor
+    """[num_rows, 1, 1, max_blocks * block_size] bool: which context positions the row sees."""
+
+
+@dataclass
+class PrefillChunk:
+    """A run of ``num_tokens`` new tokens of one sequence, starting at packed token ``start``."""
+
+    start: int
+    num_tokens: int
+    context_len: int
+    """Tokens of the sequence in the cache after this step (its earlier tokens + this chunk)."""
+    block_table: torch.Tensor | None
+    """[blocks] the sequence's KV blocks, when earlier tokens are cached (None: the chunk is the
+    whole context, attended from its own keys with a plain causal mask)."""
+    folded_mask: torch.Tensor | None
+    """[group * num_tokens, context_len] bool, when earlier tokens are cached: query row (g, i) (the
+    g-th query head of a KV head, chunk token i) sees context positions up to its own."""
+
+
+@dataclass
 class AttentionContext:
     kv_cache: torch.Tensor
     """[num_layers, 2, num_slots, num_kv_heads, head_dim]; slot = block * block_size + offset."""
+    block_size: int
     slot_mapping: torch.Tensor
     """[T] cache slot of each new token."""
-    kv_gather: torch.Tensor
-    """[B, Lmax] cache slot of each context position of each sequence (padding -> 0)."""
-    query_gather: torch.Tensor
-    """[B, Qmax] packed token index of each query row (padding -> 0)."""
-    query_scatter: torch.Tensor
-    """[T] row of each packed token in the flattened [B * Qmax] query layout."""
-    attn_mask: torch.Tensor
-    """[B, 1, Qmax, Lmax] bool: causal over each sequence's own context only."""
+    decodes: DecodeRows | None
+    chunks: list[PrefillChunk]
 
 
 def current_attention_context() -> AttentionContext:
@@ -54,46 +77,52 @@ def build_attention_context(
     context_lens: list[int],
     query_lens: list[int],
     block_size: int,
+    query_group_size: int,
     device: torch.device,
 ) -> AttentionContext:
-    """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new."""
-    batch = len(context_lens)
-    q_lens = torch.tensor(query_lens, dtype=torch.long)
-    c_lens = torch.tensor(context_lens, dtype=torch.long)
-    q_max, l_max = int(q_lens.max()), int(c_lens.max())
-    max_blocks = max(len(t) for t in block_tables)
-    tables = torch.zeros(batch, max_blocks, dtype=torch.long)
-    for row, table in enumerate(block_tables):
-        tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+    """Index tensors for sequences whose last `query_lens[i]` of `context_lens[i]` tokens are new.
 
-    positions = torch.arange(l_max)
-    kv_gather = tables[:, positions // block_size] * block_size + positions % block_size
-    kv_gather = torch.where(positions[None, :] < c_lens[:, None], kv_gather, 0)
+    Sequences with one new token must come first. `query_group_size` is query heads per KV head.
+    """
+    num_decodes = sum(1 for q in query_lens if q == 1)
+    if any(q == 1 for q in query_lens[num_decodes:]):
+        raise ValueError("one-token rows must be packed before the prefill chunks")
 
-    starts = torch.cumsum(q_lens, 0) - q_lens  # packed offset of each sequence's first new token
-    q_rows = torch.arange(q_max)
-    valid_q = q_rows[None, :] < q_lens[:, None]
-    query_gather = torch.where(valid_q, starts[:, None] + q_rows[None, :], 0)
-    query_scatter = (torch.arange(batch)[:, None] * q_max + q_rows[None, :])[valid_q]
-
-    # Query row i of sequence b sits at absolute position (c - q + i) and sees keys 0..that position.
-    # Padding rows see a superset (their output is discarded) so no row is fully masked.
-    limit = (c_lens - q_lens)[:, None, None] + q_rows[None, :, None]
-    attn_mask = (positions[None, None, :] <= limit).unsqueeze(1)
-
-    new_positions = [pos for c, q in zip(context_lens, query_lens) for pos in range(c - q, c)]
-    new_pos = torch.tensor(new_positions, dtype=torch.long)
-    seq_of_token = torch.repeat_interleave(torch.arange(batch), q_lens)
-    slot_mapping = tables[seq_of_token, new_pos // block_size] * block_size + new_pos % block_size
+    slots: list[int] = []
+    for table, c, q in zip(block_tables, context_lens, query_lens):
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(c - q, c))
 
     def dev(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
 
+    decodes = None
+    if num_decodes:
+        lens = torch.tensor(context_lens[:num_decodes], dtype=torch.long)
+        max_blocks = max(len(t) for t in block_tables[:num_decodes])
+        tables = torch.zeros(num_decodes, max_blocks, dtype=torch.long)
+        for row, table in enumerate(block_tables[:num_decodes]):
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+        positions = torch.arange(max_blocks * block_size)
+        mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+        decodes = DecodeRows(num_decodes, dev(tables), dev(mask))
+
+    chunks: list[PrefillChunk] = []
+    start = num_decodes
+    for table, c, q in zip(block_tables[num_decodes:], context_lens[num_decodes:], query_lens[num_decodes:]):
+        if c == q:
+            chunks.append(PrefillChunk(start, q, c, None, None))
+        else:
+            rows = torch.arange(c - q, c)  # absolute position of each new token
+            mask = torch.arange(c)[None, :] <= rows[:, None]
+            folded = mask.repeat(query_group_size, 1)
+            used = table[: (c + block_size - 1) // block_size]
+            chunks.append(PrefillChunk(start, q, c, dev(torch.tensor(used, dtype=torch.long)), dev(folded)))
+        start += q
+
     return AttentionContext(
         kv_cache=kv_cache,
-        slot_mapping=dev(slot_mapping),
-        kv_gather=dev(kv_gather),
-        query_gather=dev(query_gather),
-        query_scatter=dev(query_scatter),
-        attn_mask=dev(attn_mask),
+        block_size=block_size,
+        slot_mapping=dev(torch.tensor(slots, dtype=torch.long)),
+        decodes=decodes,
+        chunks=chunks,
     )

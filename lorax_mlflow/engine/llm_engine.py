@@ -263,6 +263,7 @@ class LLMEngine:
 
     def step(self) -> bool:
         """Run one scheduling + forward + sampling step; False when nothing could run."""
+        started = time.perf_counter()
         out = self.scheduler.schedule()
         for request, error in out.failed:
             self._fail(request, error)
@@ -270,8 +271,17 @@ class LLMEngine:
             return False
         self.runner.copy_blocks(out.block_copies)
         logits = self.runner.execute(out.scheduled, self.slots.ranks)
-        seqs = [item.seq for item in out.scheduled]
-        sampled = self.sampler(logits.last, seqs)
+        for item in out.scheduled:
+            if item.seq.seq_id in logits.prompt:
+                self._add_prompt_logprobs(item.seq, *logits.prompt[item.seq.seq_id])
+        seqs = [item.seq for item in out.sampling]  # a prefill chunk short of the prompt's end samples nothing
+        if seqs:
+            self._sample(seqs, logits.last)
+        self.scheduler.record_step_time(out, time.perf_counter() - started)
+        return True
+
+    def _sample(self, seqs: list[Sequence], last_logits: torch.Tensor) -> None:
+        sampled = self.sampler(last_logits, seqs)
         now = time.time()
         touched: dict[str, Request] = {}
         tokens = sampled.token_ids.tolist()
@@ -279,8 +289,6 @@ class LLMEngine:
         for row, seq in enumerate(seqs):
             request = seq.request
             touched[request.request_id] = request
-            if seq.seq_id in logits.prompt and request.prompt_logprobs is None:
-                request.prompt_logprobs = self._prompt_logprobs(seq, logits.prompt[seq.seq_id])
             entry = None
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
@@ -293,21 +301,31 @@ class LLMEngine:
                 request.metrics.first_token_time = now
         for request in touched.values():
             self._emit(request)
-        return True
 
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
-        """Logprob of each prompt token given its prefix (the first token has none)."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+    def _add_prompt_logprobs(self, seq: Sequence, first_position: int, logits: torch.Tensor) -> None:
+        """Extend the request's prompt logprobs from the logits of one fed chunk (positions from `first_position`).
+
+        Entry i is prompt token i's logprob given its prefix (entry 0 is None), read from the logits
+        at position i - 1. Chunks arrive in order; entries already present (a sequence recomputed
+        after preemption) are kept as they are.
+        """
+        request = seq.request
+        have = request.prompt_logprobs or [None]
         prompt = seq.prompt_token_ids
-        targets = torch.tensor(prompt[1:], device=logprobs.device)
-        chosen = logprobs[: len(prompt) - 1].gather(1, targets[:, None])[:, 0].tolist()
+        begin = max(first_position, len(have) - 1)
+        end = min(first_position + logits.shape[0], len(prompt) - 1)
+        if begin >= end:
+            request.prompt_logprobs = have
+            return
+        logprobs = torch.log_softmax(logits[begin - first_position : end - first_position].float(), dim=-1)
+        targets = torch.tensor(prompt[begin + 1 : end + 1], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         k = seq.params.prompt_logprobs or 0
-        tops = logprobs[: len(prompt) - 1].topk(k, dim=-1) if k else None
-        result: list[TokenLogprob | None] = [None]
-        for i, token in enumerate(prompt[1:]):
+        tops = logprobs.topk(k, dim=-1) if k else None
+        for i, token in enumerate(prompt[begin + 1 : end + 1]):
             top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
-            result.append(TokenLogprob(token, chosen[i], top))
-        return result
+            have.append(TokenLogprob(token, chosen[i], top))
+        request.prompt_logprobs = have
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, entry: TokenLogprob | None) -> None:
         params = seq.params

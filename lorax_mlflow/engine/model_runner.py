@@ -27,9 +27,11 @@ _CUDA_KV_FRACTION = 0.6
 @dataclass
 class StepLogits:
     last: torch.Tensor
-    """[len(scheduled), V] logits of each scheduled sequence's last token (siblings share a row's values)."""
-    prompt: dict[int, torch.Tensor] = field(default_factory=dict)
-    """seq_id -> [num_new_tokens, V] logits at every fed position, for sequences that asked for prompt logprobs."""
+    """[number of sampling items, V] logits of the last token of each scheduled item that samples
+    (`ScheduledSequence.samples`), in schedule order; siblings share their parent's values."""
+    prompt: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    """seq_id -> (position of the first fed token, [num_new_tokens, V] logits at every fed position),
+    for sequences that asked for prompt logprobs and fed prompt tokens this step."""
 
 
 class ModelRunner:
@@ -48,6 +50,8 @@ class ModelRunner:
         model_max = getattr(hf_config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(model_max, 8192)
         self.block_size = config.block_size
+        num_kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+        self.query_group_size = self.hf_config.num_attention_heads // num_kv_heads
         self.kv_cache = self._allocate_kv_cache()
         self.num_blocks = self.kv_cache.shape[2] // self.block_size
 
@@ -85,34 +89,38 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence], slot_ranks: list[int]) -> StepLogits:
-        """One packed forward over the new tokens of `scheduled`; `slot_ranks[slot]` = adapter rank per slot."""
-        fed = [item for item in scheduled if item.num_new_tokens > 0]
+        """One packed forward over the new tokens of `scheduled`; `slot_ranks[slot]` = adapter rank per slot.
+
+        One-token rows (decodes) are packed first, then the prefill chunks, as the attention expects.
+        """
+        fed = sorted((item for item in scheduled if item.num_new_tokens > 0), key=lambda item: item.num_new_tokens > 1)
         input_ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
         keep: list[int] = []
         last_row: dict[int, int] = {}
-        prompt_rows: dict[int, range] = {}
+        prompt_rows: dict[int, tuple[int, range]] = {}
         for item in fed:
             seq, count = item.seq, item.num_new_tokens
-            start = seq.num_tokens - count
+            start = seq.num_cached_tokens
             offset = len(input_ids)
-            input_ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, seq.num_tokens))
+            input_ids.extend(seq.token_ids[start : start + count])
+            positions.extend(range(start, start + count))
             token_slots.extend([seq.lora_slot] * count)
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                prompt_rows[seq.seq_id] = range(len(keep), len(keep) + count)
+                prompt_rows[seq.seq_id] = (start, range(len(keep), len(keep) + count))
                 keep.extend(range(offset, offset + count))
-            else:
+            elif item.samples:
                 keep.append(offset + count - 1)
             last_row[seq.seq_id] = len(keep) - 1
 
         attn = build_attention_context(
             self.kv_cache,
             [item.seq.block_table for item in fed],
-            [item.seq.num_tokens for item in fed],
+            [item.seq.num_cached_tokens + item.num_new_tokens for item in fed],
             [item.num_new_tokens for item in fed],
             self.block_size,
+            self.query_group_size,
             self.device,
         )
         meta = make_lora_meta(token_slots, self.config.max_loras, device=self.device)  # host-built, one copy up
@@ -127,12 +135,12 @@ class ModelRunner:
             logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep_index).logits[0]
         logits = logits.float()
         for item in fed:
-            item.seq.num_cached_tokens = item.seq.num_tokens
-        rows = [last_row[(item.logits_from or item.seq).seq_id] for item in scheduled]
+            item.seq.num_cached_tokens += item.num_new_tokens
         for item in scheduled:
             if item.logits_from is not None:
                 item.seq.num_cached_tokens = item.seq.num_tokens
+        rows = [last_row[(item.logits_from or item.seq).seq_id] for item in scheduled if item.samples]
         return StepLogits(
-            last=logits[torch.tensor(rows, device=self.device)],
-            prompt={seq_id: logits[r.start : r.stop] for seq_id, r in prompt_rows.items()},
+            last=logits[torch.tensor(rows, dtype=torch.long, device=self.device)],
+            prompt={seq_id: (first, logits[r.start : r.stop]) for seq_id, (first, r) in prompt_rows.items()},
         )

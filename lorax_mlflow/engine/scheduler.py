@@ -1,10 +1,17 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each feeds.
 
-Every step decodes all running sequences (one token each) and admits waiting requests as prefills
-while the token budget, the sequence cap and the free KV blocks allow. A waiting request whose
+A step holds at most ``max_num_batched_tokens`` tokens: first one token for every decoding
+sequence, then prefill chunks, the prompts being prefilled oldest first, then newly admitted
+requests while the sequence cap and the free KV blocks allow. While sequences are decoding, the
+step's prefill share is capped by :class:`PrefillBudget` so that a long prompt is spread over
+several steps instead of stalling every stream for its whole prefill (chunked prefill); a chunk
+that does not reach the end of its sequence's tokens samples nothing. A waiting request whose
 adapter is still loading is skipped, not blocking the ones behind it. When a running sequence
 cannot get a block, the most recently admitted one is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed later.
+
+The sequences of an ``n`` > 1 request share their prompt's blocks: the first one prefills them and
+the others sample from its last-token logits in the step that completes the prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Protocol
 
 from lorax_mlflow.engine.block_manager import BlockManager
 from lorax_mlflow.engine.config import EngineConfig
+from lorax_mlflow.engine.prefill_budget import PrefillBudget
 from lorax_mlflow.engine.request import Request
 from lorax_mlflow.engine.sequence import Sequence, SequenceStatus
 from lorax_mlflow.errors import LoraxError
@@ -38,6 +46,9 @@ class ScheduledSequence:
     """Tokens fed this step; 0 for a sibling that reuses its parent's prefill logits."""
     logits_from: Sequence | None = None
     """For a sibling sharing its parent's prefill: whose last-token logits it samples from."""
+    samples: bool = True
+    """Whether this step produces a token for the sequence; False for a prefill chunk that does
+    not reach the end of the sequence's tokens (it only fills the KV cache)."""
 
 
 @dataclass
@@ -45,10 +56,21 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     failed: list[tuple[Request, LoraxError]] = field(default_factory=list)
+    num_decode_tokens: int = 0
+    num_prefill_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.num_decode_tokens + self.num_prefill_tokens
+
+    @property
+    def sampling(self) -> list[ScheduledSequence]:
+        """The scheduled sequences that produce a token this step, in schedule order."""
+        return [item for item in self.scheduled if item.samples]
 
 
 class Scheduler:
@@ -56,9 +78,17 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.adapter_slots = adapter_slots
+        self.prefill_budget = PrefillBudget(
+            config.max_num_batched_tokens, config.prefill_chunk_tokens, config.prefill_chunk_cost_ratio
+        )
         self.waiting: deque[list[Sequence]] = deque()
         """Groups admitted together: a new request's sequences, or one preempted sequence."""
         self.running: list[Sequence] = []
+        """Every admitted sequence (holding blocks and an adapter slot), in admission order."""
+        self.prefilling: dict[Sequence, list[Sequence]] = {}
+        """Admitted sequences whose tokens are not all in the KV cache yet -> their siblings that
+        wait for that prefill, oldest first."""
+        self._sibling_of: dict[Sequence, Sequence] = {}
 
     @property
     def has_work(self) -> bool:
@@ -70,15 +100,29 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        budget -= self._schedule_decodes(out)
-        self._admit_prefills(out, budget)
+        self._schedule_decodes(out, budget)
+        budget -= out.num_decode_tokens
+        prefill = min(budget, self.prefill_budget.tokens(out.num_decode_tokens))
+        for head in list(self.prefilling):
+            if prefill <= 0:
+                break
+            prefill -= self._schedule_chunk(out, head, prefill)
+        self._admit_prefills(out, prefill)
         return out
 
-    def _schedule_decodes(self, out: SchedulerOutput) -> int:
-        scheduled = 0
+    def record_step_time(self, out: SchedulerOutput, seconds: float) -> None:
+        """Tell the prefill budget how long the step of `out` took (forward, sampling and outputs)."""
+        self.prefill_budget.observe(out.num_decode_tokens, out.num_prefill_tokens, seconds)
+
+    def _is_prefilling(self, seq: Sequence) -> bool:
+        return seq in self.prefilling or seq in self._sibling_of
+
+    def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> None:
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if out.num_decode_tokens >= budget:
+                break  # the rest decode next step
+            if seq.status is not SequenceStatus.RUNNING or self._is_prefilling(seq):
+                continue  # preempted earlier in this loop, or not decoding yet
             while not self.block_manager.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -90,20 +134,29 @@ class Scheduler:
             if copy is not None:
                 out.block_copies.append(copy)
             out.scheduled.append(ScheduledSequence(seq, seq.num_tokens - seq.num_cached_tokens))
-            scheduled += 1
-        return scheduled
+            out.num_decode_tokens += 1
+
+    def _schedule_chunk(self, out: SchedulerOutput, head: Sequence, budget: int) -> int:
+        """Schedule the next prefill chunk of `head` (at most `budget` tokens); returns its size."""
+        remaining = head.num_tokens - head.num_cached_tokens
+        count = min(remaining, budget)
+        completes = count == remaining
+        out.scheduled.append(ScheduledSequence(head, count, samples=completes))
+        out.num_prefill_tokens += count
+        if completes:
+            siblings = self.prefilling.pop(head)
+            for seq in siblings:
+                del self._sibling_of[seq]
+            out.scheduled.extend(ScheduledSequence(seq, 0, logits_from=head) for seq in siblings)
+        return count
 
     def _admit_prefills(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[list[Sequence]] = []
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             group = self.waiting.popleft()
             if group[0].request.finished or all(s.is_finished for s in group):
                 continue
             head = group[0]
-            prefill_tokens = head.num_tokens
-            if out.scheduled and prefill_tokens > budget:
-                self.waiting.appendleft(group)
-                break
             if len(self.running) + len(group) > self.config.max_num_seqs or not self.block_manager.can_allocate(head):
                 self.waiting.appendleft(group)
                 break
@@ -118,16 +171,16 @@ class Scheduler:
             self.block_manager.allocate(head)
             for seq in group[1:]:
                 self.block_manager.fork(head, seq)
+                self._sibling_of[seq] = head
             for seq, slot in zip(group, slots):
                 seq.lora_slot = slot
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
+            self.prefilling[head] = group[1:]
             request = head.request
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.time()
-            out.scheduled.append(ScheduledSequence(head, prefill_tokens))
-            out.scheduled.extend(ScheduledSequence(seq, 0, logits_from=head) for seq in group[1:])
-            budget -= prefill_tokens
+            budget -= self._schedule_chunk(out, head, budget)
         self.waiting.extendleft(reversed(skipped))
 
     def _acquire_slots(self, group: list[Sequence]) -> list[int] | None:
@@ -143,15 +196,23 @@ class Scheduler:
         return slots
 
     def _preempt(self, seq: Sequence) -> None:
+        """Free `seq` (with the siblings waiting on its prefill) and queue it for recomputation."""
         logger.debug("preempting sequence %s (recompute)", seq.seq_id)
-        self._release(seq)
-        seq.status = SequenceStatus.WAITING
-        seq.num_cached_tokens = 0
-        self.waiting.appendleft([seq])
+        group = [seq, *self.prefilling.get(seq, [])]
+        for member in group:
+            self._release(member)
+            member.status = SequenceStatus.WAITING
+            member.num_cached_tokens = 0
+        self.waiting.appendleft(group)
 
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+        for sibling in self.prefilling.pop(seq, []):  # released with it (preemption, abort)
+            del self._sibling_of[sibling]
+        head = self._sibling_of.pop(seq, None)
+        if head is not None:
+            self.prefilling[head].remove(seq)
         self.block_manager.free(seq)
         if seq.lora_slot != -1:
             self.adapter_slots.release(seq.lora_slot)

@@ -1,4 +1,11 @@
-"""Swap a transformers model's target nn.Linear modules for MultiLoraLinear, in place."""
+"""Swap a transformers model's target nn.Linear modules for MultiLoraLinear, in place, fusing the
+projections that read the same input (q/k/v, gate/up) into one GEMM each.
+
+A fused group replaces each original module by a LoraSlice of one MultiLoraLinear, so the model's
+own code (``self.k_proj(hidden_states)``) runs unchanged and adapters keep addressing the original
+module paths. A group fuses only when all its members are target linears of one parent module
+with the same input size; otherwise each member is wrapped on its own.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,18 @@ import logging
 
 from torch import nn
 
-from lorax_mlflow.lora.layers import MultiLoraLinear
+from lorax_mlflow.lora.layers import LoraSlice, MultiLoraLinear
 
 logger = logging.getLogger(__name__)
 
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 def inject_multi_lora(
-    model: nn.Module, target_modules: tuple[str, ...], max_loras: int, max_rank: int
-) -> dict[str, MultiLoraLinear]:
-    """Replace every nn.Linear whose short name is in `target_modules`; return them by module path."""
+    model: nn.Module, target_modules: tuple[str, ...], max_loras: int, max_rank: int, *, fuse: bool = True
+) -> dict[str, LoraSlice]:
+    """Wrap every nn.Linear whose short name is in `target_modules`; return, by original module path,
+    the handle through which an adapter's factors for that module are written."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -22,11 +32,37 @@ def inject_multi_lora(
     ]
     if not targets:
         raise ValueError(f"the model has no linear modules named {list(target_modules)}")
-    layers: dict[str, MultiLoraLinear] = {}
+    by_parent: dict[str, dict[str, nn.Linear]] = {}
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        wrapped = MultiLoraLinear(linear, max_loras, max_rank)
-        setattr(model.get_submodule(parent_name), child, wrapped)
-        layers[name] = wrapped
-    logger.info("multi-LoRA on %d modules (%d slots, max rank %d)", len(layers), max_loras, max_rank)
-    return layers
+        parent, _, child = name.rpartition(".")
+        by_parent.setdefault(parent, {})[child] = linear
+
+    handles: dict[str, LoraSlice] = {}
+    num_fused = 0
+    for parent_name, children in by_parent.items():
+        parent = model.get_submodule(parent_name)
+        groups = [list(g) for g in FUSED_GROUPS if fuse and _fusable(children, g)]
+        grouped = {child for g in groups for child in g}
+        groups += [[child] for child in children if child not in grouped]
+        for group in groups:
+            layer = MultiLoraLinear([children[c] for c in group], max_loras, max_rank)
+            for index, child in enumerate(group):
+                handle = LoraSlice(layer, index)
+                setattr(parent, child, handle if len(group) > 1 else layer)
+                handles[f"{parent_name}.{child}"] = handle
+            num_fused += len(group) > 1
+    logger.info("multi-LoRA on %d modules, %d fused groups (%d slots, max rank %d)",
+                len(handles), num_fused, max_loras, max_rank)
+    return handles
+
+
+def _fusable(children: dict[str, nn.Linear], group: tuple[str, ...]) -> bool:
+    if not all(name in children for name in group):
+        return False
+    first = children[group[0]]
+    return all(
+        children[name].in_features == first.in_features
+        and children[name].weight.dtype == first.weight.dtype
+        and children[name].weight.device == first.weight.device
+        for name in group
+    )

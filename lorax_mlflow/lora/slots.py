@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from lorax_mlflow.adapters.weights import LoraWeights, MedusaHeads
-from lorax_mlflow.lora.layers import MultiLoraLinear
+from lorax_mlflow.lora.layers import LoraSlice
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 class DeviceSlots:
     def __init__(
         self,
-        layers: dict[str, MultiLoraLinear],
+        layers: dict[str, LoraSlice],
         max_loras: int,
         on_evict: Callable[[str], None] | None = None,
     ) -> None:
@@ -38,7 +38,7 @@ class DeviceSlots:
 
     @property
     def _device(self) -> torch.device:
-        return next(iter(self.layers.values())).lora_a.device
+        return next(iter(self.layers.values())).device
 
     @property
     def num_pinned(self) -> int:
@@ -57,8 +57,8 @@ class DeviceSlots:
             return None
         previous_rank = self.ranks[slot]
         with torch.no_grad():
-            for name, layer in self.layers.items():
-                _write_slot(layer, slot, weights.a.get(name), weights.b.get(name), previous_rank)
+            for name, handle in self.layers.items():  # a module the adapter does not target is cleared
+                handle.write_slot(slot, weights.a.get(name), weights.b.get(name), previous_rank)
         self.resident[key] = slot
         self.ranks[slot] = weights.rank
         self.medusa[slot] = None if weights.medusa is None else weights.medusa.to(self._device)
@@ -87,20 +87,3 @@ class DeviceSlots:
         assert self.refs[slot] > 0, f"slot {slot} released more often than acquired"
         self.refs[slot] -= 1
 
-
-def _write_slot(
-    layer: MultiLoraLinear, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, previous_rank: int
-) -> None:
-    """Copy one module's factors into `slot`, zeroing only what the previous occupant left beyond them.
-
-    Invariant: in every layer, rows of A (columns of B) past the slot's recorded rank are zero. So a
-    placement costs the adapter's own size, not the slot's ``max_rank`` (zeroing whole r=64 slots
-    was most of a cold load). A module the adapter does not target is cleared like a rank-0 one.
-    """
-    rank = 0 if a is None or b is None else a.shape[0]
-    if rank:
-        layer.lora_a[slot, :rank].copy_(a)
-        layer.lora_b[slot, :, :rank].copy_(b)
-    if previous_rank > rank:
-        layer.lora_a[slot, rank:previous_rank].zero_()
-        layer.lora_b[slot, :, rank:previous_rank].zero_()
