@@ -7,8 +7,9 @@ tables (SGMV/punica, vLLM's LoRA defaults): tiny token blocks for decode, larger
 segments grow. Re-tune on the target GPU with benchmarks/kernels.py.
 
 Split-K (the shrink's reduction over in_features spread over several programs) has two policies:
-  deterministic (default)  the split and the K block depend on in_features only, never on the batch,
-                           and the partial sums are added in a fixed order by a second small kernel:
+  deterministic (default)  the split and the K block depend on in_features and dtype only, never on
+                           the batch, the partial sums are added in a fixed order by a second small
+                           kernel, and token blocks stay at most 32 rows (DETERMINISTIC_MAX_BLOCK_M):
                            a token's result is bit-identical whatever shares its batch and run to run.
   batch-adaptive           the split grows when the launch has few token tiles, partial sums meet in
                            float32 atomics: the order of the adds, so the low bits, vary with the
@@ -72,6 +73,11 @@ def _pow2_at_least(n: int) -> int:
     return max(MIN_DOT_BLOCK, 1 << (n - 1).bit_length())
 
 
+DETERMINISTIC_MAX_BLOCK_M = 32
+"""Token blocks of 16 or 32 rows lower tl.dot to the same mma.sync instructions, stepping through K
+in the same order for every row: block_m then changes how many tokens a program holds, never a
+token's sums. 64-row blocks may lower to Hopper's wgmma instead, whose rounding need not match, so
+the deterministic policy stays below them (A and B tiles re-read per 32 tokens come from L2)."""
 TARGET_SHRINK_PROGRAMS = 256  # about two waves on a 132-SM H100 / H200
 DETERMINISTIC_BLOCK_K = {2: 128, 4: 64}
 """By element size: keeps the [block_k, rank<=128] A tile plus the x tile, double-buffered, near 96 KiB
@@ -90,7 +96,7 @@ def shrink_config(
     max_tokens = max(segment_tokens)
     block_m = 16 if max_tokens <= 16 else 32 if max_tokens <= 64 else 64
     if _deterministic:
-        # block_m only changes how many tokens one program holds, never the order of a token's sums.
+        block_m = min(block_m, DETERMINISTIC_MAX_BLOCK_M)
         block_k = min(DETERMINISTIC_BLOCK_K.get(element_size, 64), _pow2_at_least(in_features))
         k_per_split = max(block_k, DETERMINISTIC_K_PER_SPLIT // block_k * block_k)
         split_k = -(-in_features // k_per_split)
@@ -108,11 +114,12 @@ def shrink_config(
 
 
 def expand_config(max_segment_tokens: int, rank: int, max_out_features: int) -> ExpandConfig:
-    """Expand reduces over the rank only, inside one tl.dot: deterministic whatever the block sizes."""
+    """Expand reduces over the rank only, inside one tl.dot (a wider zero-padded rank adds exact
+    zeros); under the deterministic policy its token blocks stay at most 32 rows, as the shrink's."""
     block_k = padded_rank(rank)
     if max_segment_tokens <= 16:
         block_m, block_n = 16, 128
-    elif max_segment_tokens <= 64:
+    elif max_segment_tokens <= 64 or _deterministic:
         block_m, block_n = 32, 128
     else:
         block_m, block_n = 64, 128

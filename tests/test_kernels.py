@@ -197,6 +197,20 @@ def test_meta_rejects_non_integer_or_batched_maps():
         make_lora_meta(torch.zeros(2, 2, dtype=torch.int64), num_slots=2)
 
 
+def test_deterministic_shrink_splits_by_shape_only_and_keeps_token_blocks_small():
+    """What batch invariance rests on: the K split and K block follow (in_features, dtype) alone,
+    and token blocks stay on the 16/32-row instructions, whatever the step's segments and rank."""
+    from lorax_kernels.configs import expand_config, shrink_config
+
+    batches = [[1], [3, 1, 1], [70, 12, 4], [2048]]
+    for in_features in (4096, 14336):
+        configs = [shrink_config(b, slices, rank, in_features, 2) for b in batches for slices in (1, 3) for rank in (8, 64)]
+        assert len({(c.block_k, c.split_k, c.k_per_split) for c in configs}) == 1
+        assert all(not c.atomic and c.block_m <= 32 for c in configs)
+    assert shrink_config([1], 1, 16, 14336, 2).split_k == 14 and shrink_config([1], 1, 16, 4096, 2).split_k == 4
+    assert all(expand_config(tokens, 16, 4096).block_m <= 32 for tokens in (1, 70, 2048))
+
+
 # --- torch path -------------------------------------------------------------------------------
 
 

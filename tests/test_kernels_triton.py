@@ -82,9 +82,9 @@ def _run_lora(token_lora, x, y, a, b, rank):
 
 
 def _batch_invariance_case(dtype):
-    """A 3-token request of a rank-8 adapter, alone and inside a 44-token batch that holds longer
-    segments (other token blocks), larger-rank adapters (a wider rank slice) and tokens without
-    an adapter, at shuffled positions."""
+    """A 3-token request of a rank-8 adapter, alone and inside a 94-token batch that holds longer
+    segments (other token blocks; 70 tokens is where the batch-adaptive policy takes 64-row blocks),
+    larger-rank adapters (a wider rank slice) and tokens without an adapter, at shuffled positions."""
     generator = torch.Generator().manual_seed(7)
     ranks = torch.tensor(SLOT_RANKS)
     rank_mask = (torch.arange(BUFFER_RANK)[None, :] < ranks[:, None]).float()
@@ -92,7 +92,7 @@ def _batch_invariance_case(dtype):
     b = torch.randn(SLOTS, OUT_FEATURES, BUFFER_RANK, generator=generator) * rank_mask[:, None, :]
     probe_x = torch.randn(3, IN_FEATURES, generator=generator)
     probe_y = torch.randn(3, OUT_FEATURES, generator=generator)
-    others = [0] * 20 + [2] * 12 + [-1] * 5 + [3] * 4
+    others = [0] * 70 + [2] * 12 + [-1] * 5 + [3] * 4
     order = torch.randperm(len(others) + 3, generator=generator)
     token_lora = torch.tensor(others + [PROBE_SLOT] * 3)[order]
     probe_rows = [int((order == len(others) + i).nonzero()) for i in range(3)]
