@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 
-ray = pytest.importorskip("ray", reason="the ray extra is part of the dev install")
-from ray import serve  # noqa: E402
+import ray
+from ray import serve
 
-from lorax_mlflow.ray import REPLICA_HEADER, build_app, routed_adapter_id, start_local_cluster  # noqa: E402
+from lorax_mlflow.ray import REPLICA_HEADER, build_app, routed_adapter_id, start_local_cluster
 
 pytestmark = pytest.mark.ray
 STARTUP_SECONDS = 420

@@ -101,9 +101,11 @@ class LoraxReplica:
                                  (ADAPTER_LOADS_HEADER.encode(), str(self.adapter_loads()).encode())]
             yield item
 
-    def check_health(self) -> None:
-        if self.served.service.engine is None:
-            raise RuntimeError("engine stopped")
+    async def check_health(self) -> None:
+        """Serve's periodic health check: the app's own /health (replaced by Serve when it fails)."""
+        async for item in call_asgi(self.app, HttpRequest("GET", "/health")):
+            if isinstance(item, HttpResponseStart) and item.status != 200:
+                raise RuntimeError(f"/health answered {item.status}")
 
     def __del__(self) -> None:
         served = getattr(self, "served", None)
