@@ -41,11 +41,18 @@ def run_local(
     preload_adapters: dict[str, str] | None = None,
 ) -> None:
     """Serve `model_uri` with `replicas` engine replicas (one core each) on a local Ray cluster; blocks."""
+    import ray
     from ray import serve
 
     start_local_cluster(num_cpus=max(replicas, os.cpu_count() or 1))
-    serve.start(http_options={"host": host, "port": port})
-    logger.info("serving %s with %d replicas on http://%s:%d", model_uri or "the embedded default model",
-                replicas, host, port)
-    serve.run(build_app(model_uri, replicas=replicas, engine_env=engine_env, preload_adapters=preload_adapters),
-              name=APP_NAME, route_prefix="/", blocking=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        logger.info("serving %s with %d replicas on http://%s:%d", model_uri or "the embedded default model",
+                    replicas, host, port)
+        serve.run(build_app(model_uri, replicas=replicas, engine_env=engine_env, preload_adapters=preload_adapters),
+                  name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        logger.info("stopping")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
