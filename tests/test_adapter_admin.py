@@ -67,6 +67,10 @@ def test_load_serve_and_unload_an_adapter_at_runtime(managed, tiny_adapters):
     assert "support" in model_ids(managed)
     by_name, by_path = chat(managed, "support"), chat(managed, str(tiny_adapters["b"]))
     assert by_name.json()["choices"][0]["message"] == by_path.json()["choices"][0]["message"]
+    merged = httpx.post(managed.v1 + "/chat/completions", timeout=60, json={
+        "model": "", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0,
+        "merged_adapters": {"ids": ["support", "b"], "weights": [0.5, 0.5]}})
+    assert merged.status_code == 200, merged.text  # merge recipes may name runtime names too
 
     again = httpx.post(managed.v1 + "/load_lora_adapter", headers=ADMIN, json=body)
     assert again.status_code == 400 and again.json()["error"]["code"] == "adapter_already_loaded"

@@ -124,7 +124,8 @@ class AdapterCache:
         spec = request.merged_adapters
         if spec is not None:
             parts = [
-                (adapter_id, *self._locate(AdapterRequest(adapter_id, request.adapter_source, request.api_token)))
+                (adapter_id,
+                 *self._locate(self._unalias(AdapterRequest(adapter_id, request.adapter_source, request.api_token))))
                 for adapter_id in spec.ids
             ]
             key = f"merge:{spec.recipe_key()}"
