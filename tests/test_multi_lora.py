@@ -136,3 +136,23 @@ def test_adapter_targeting_some_slices_of_a_fused_group_equals_peft(engine, tiny
     prompt = encode(tiny_model_dir, PROMPTS[3])
     got = engine.submit(prompt, greedy(12), adapter(str(partial_adapter))).result().outputs[0].token_ids
     assert got == peft_greedy(tiny_model_dir, partial_adapter, prompt, 12)
+
+
+def test_slots_sized_from_memory_let_more_adapters_than_8_run_at_once(tiny_model_dir, adapter_root, tiny_adapters):
+    """max_loras=None: as many slots as `lora_slots_bytes` holds (at least 8, at most max_num_seqs)."""
+    from lorax_mlflow.lora.inject import lora_slot_bytes
+
+    per_slot = lora_slot_bytes(load_hf(tiny_model_dir), tuple(ALL_TARGETS), max_rank=16)
+    engine = make_engine(tiny_model_dir, adapter_roots=[adapter_root], max_loras=None, lora_slots_bytes=11 * per_slot)
+    try:
+        assert engine.runner.max_loras == engine.slots.max_loras == 11
+        layers = {id(h.fused): h.fused for h in engine.runner.lora_layers.values()}.values()
+        assert sum(l.lora_a.nbytes + l.lora_b_storage.nbytes for l in layers) == 11 * per_slot
+        prompt = encode(tiny_model_dir, PROMPTS[1])
+        assert engine.submit(prompt, greedy(6), adapter(str(tiny_adapters["b"]))).result().outputs[0].token_ids == \
+            peft_greedy(tiny_model_dir, tiny_adapters["b"], prompt, 6)
+    finally:
+        engine.shutdown()
+    small = make_engine(tiny_model_dir, max_loras=None, lora_slots_bytes=per_slot)
+    assert small.runner.max_loras == 8
+    small.shutdown()

@@ -43,8 +43,11 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None
     """KV cache budget in bytes; None -> 512 MiB on CPU, 60% of free memory on CUDA."""
-    max_loras: int = 8
-    """Device slots: adapters resident at once."""
+    max_loras: int | None = None
+    """Device slots: adapters resident (and running) at once; None -> as many as
+    `lora_slots_bytes` holds at `max_lora_rank`, at least 8 and at most `max_num_seqs`."""
+    lora_slots_bytes: int | None = None
+    """Memory for adapter slots when `max_loras` is None; None -> 1 GiB on CPU, 10% of free memory on CUDA."""
     max_lora_rank: int = 64
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     adapter_roots: list[str] = field(default_factory=list)
@@ -123,7 +126,8 @@ class EngineConfig:
             current = getattr(self, f.name)
             if isinstance(current, (list, tuple)):
                 updates[f.name] = [part for part in raw.split(os.pathsep if f.name == "adapter_roots" else ",") if part]
-            elif f.name in ("max_model_len", "kv_cache_bytes", "num_threads", "prefill_chunk_tokens") or isinstance(current, int):
+            elif f.name in ("max_model_len", "kv_cache_bytes", "num_threads", "prefill_chunk_tokens", "max_loras",
+                            "lora_slots_bytes") or isinstance(current, int):
                 updates[f.name] = int(raw)
             elif isinstance(current, float):
                 updates[f.name] = float(raw)

@@ -65,7 +65,7 @@ class LLMEngine:
         self.base_model_name = base_model_name or self.runner.hf_config.name_or_path or self.model_path.name
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
-        self.slots = DeviceSlots(self.runner.lora_layers, self.config.max_loras)
+        self.slots = DeviceSlots(self.runner.lora_layers, self.runner.max_loras)
         download_dir = self.config.download_dir or str(cache_root() / "adapters")
         self.adapters = AdapterCache(
             self.slots,

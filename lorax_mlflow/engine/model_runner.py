@@ -15,13 +15,16 @@ from lorax_mlflow.engine.attention import register_paged_attention
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.context import attention_context, build_attention_context
 from lorax_mlflow.engine.scheduler import ScheduledSequence
-from lorax_mlflow.lora.inject import inject_multi_lora
+from lorax_mlflow.lora.inject import inject_multi_lora, lora_slot_bytes
 from lorax_mlflow.lora.routing import LoraRouting, lora_routing
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BYTES = 512 << 20
 _CUDA_KV_FRACTION = 0.6
+_CPU_LORA_BYTES = 1 << 30
+_CUDA_LORA_FRACTION = 0.1
+_MIN_LORA_SLOTS = 8
 
 
 @dataclass
@@ -45,7 +48,8 @@ class ModelRunner:
             model_path, dtype=self.dtype, attn_implementation=attn_name
         ).to(self.device).eval()
         self.hf_config = self.model.config
-        self.lora_layers = inject_multi_lora(self.model, config.target_modules, config.max_loras, config.max_lora_rank)
+        self.max_loras = self._num_lora_slots()
+        self.lora_layers = inject_multi_lora(self.model, config.target_modules, self.max_loras, config.max_lora_rank)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         model_max = getattr(hf_config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(model_max, 8192)
@@ -58,6 +62,23 @@ class ModelRunner:
     @property
     def base_modules(self) -> dict[str, tuple[int, int]]:
         return {name: (layer.in_features, layer.out_features) for name, layer in self.lora_layers.items()}
+
+    def _num_lora_slots(self) -> int:
+        """`max_loras`, or slots sized from memory: on a CPU the device memory is the host's, so many
+        adapters can decode in one step instead of queueing for 8 slots (S-LoRA's point on GPUs)."""
+        if self.config.max_loras is not None:
+            return self.config.max_loras
+        per_slot = lora_slot_bytes(self.model, self.config.target_modules, self.config.max_lora_rank)
+        budget = self.config.lora_slots_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * _CUDA_LORA_FRACTION)
+            else:
+                budget = _CPU_LORA_BYTES
+        slots = max(_MIN_LORA_SLOTS, min(self.config.max_num_seqs, budget // per_slot))
+        logger.info("adapter slots: %d of %.1f MiB (max rank %d)", slots, per_slot / 2**20, self.config.max_lora_rank)
+        return slots
 
     def _allocate_kv_cache(self) -> torch.Tensor:
         cfg = self.hf_config
@@ -123,7 +144,7 @@ class ModelRunner:
             self.query_group_size,
             self.device,
         )
-        meta = make_lora_meta(token_slots, self.config.max_loras, device=self.device)  # host-built, one copy up
+        meta = make_lora_meta(token_slots, self.max_loras, device=self.device)  # host-built, one copy up
         routing = None
         if meta is not None:
             rank = max(slot_ranks[s] for s in set(token_slots) if s >= 0)

@@ -64,6 +64,13 @@ class MultiLoraLinear(nn.Module):
         )
         self._pending: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
 
+    @staticmethod
+    def slot_elements(bases: list[nn.Linear], max_rank: int, device: torch.device) -> int:
+        """Elements of A and B that one slot takes for these fused projections."""
+        in_features, out_features = bases[0].in_features, sum(b.out_features for b in bases)
+        b_rows = len(bases) if uses_cpu_layout(device) else 1  # the CPU layout's B is block-diagonal
+        return max_rank * len(bases) * in_features + max_rank * b_rows * out_features
+
     @property
     def num_slices(self) -> int:
         return len(self.slice_widths)
