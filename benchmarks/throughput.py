@@ -17,6 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.common import PROMPTS, device_label, machine_line, make_random_adapters
+from benchmarks.gpu_throughput import roofline_seconds, timed_decode_steps
+from benchmarks.kernels import copy_bandwidth_bytes_per_ms
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.default_model import cache_root, default_model_path
 from lorax_mlflow.engine.config import EngineConfig
@@ -94,10 +96,16 @@ def main() -> None:
     paths = [str(adapters[n]) for n in per_request]
     run_engine(engine, prompts[:len(names)], paths[:len(names)], 4)  # warm-up: loads every adapter into a slot
     run_engine(engine, prompts[:2], [None, None], 4)
-    results = {
-        "engine, base only": run_engine(engine, prompts, [None] * len(prompts), args.max_tokens),
-        f"engine, {args.adapters} adapters": run_engine(engine, prompts, paths, args.max_tokens),
-    }
+    results, step_lines = {}, []
+    bandwidth = copy_bandwidth_bytes_per_ms(device, repeats=5) * 1e3
+    for label, ids in (("engine, base only", [None] * len(prompts)), (f"engine, {args.adapters} adapters", paths)):
+        with timed_decode_steps(engine.runner, len(prompts)) as steps:
+            results[label] = run_engine(engine, prompts, ids, args.max_tokens)
+        if steps:
+            median = sorted(steps, key=lambda step: step.seconds)[len(steps) // 2]
+            floor = roofline_seconds(median, engine.runner, args.rank, bandwidth)
+            step_lines.append(f"{label:<32} {median.seconds * 1e3:>15.2f} {floor * 1e3:>12.2f} "
+                              f"{median.seconds / floor:>14.2f}")
     engine.shutdown()
 
     from peft import PeftModel
@@ -119,6 +127,11 @@ def main() -> None:
     print(f"{'run':<32} {'tokens/s':>10} {'engine-mixed / this':>20}")
     for name, value in results.items():
         print(f"{name:<32} {value:>10.1f} {mixed / value:>20.2f}x")
+    print(f"\ndecode step (all {len(prompts)} sequences, median) against its memory roofline: weights + KV + "
+          f"active adapters read per step / copy bandwidth {bandwidth / 1e9:.1f} GB/s measured in this run")
+    print(f"{'run':<32} {'decode step ms':>15} {'roofline ms':>12} {'step/roofline':>14}")
+    for line in step_lines:
+        print(line)
     print(f"\nengine mixed / engine base-only = {mixed / results['engine, base only']:.2f} (target >= 0.85)")
     print(f"engine mixed / PEFT mixed-batch = {mixed / results['PEFT mixed-batch generate']:.2f} (target >= 2)")
 

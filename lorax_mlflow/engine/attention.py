@@ -98,9 +98,8 @@ def _attend(
             )
             out[span] = attended[0].transpose(0, 1)
             continue
-        length = chunk.context_len
-        k = k_blocks[chunk.block_table].view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)  # [Hkv, L, D]
-        v = v_blocks[chunk.block_table].view(-1, num_kv_heads, head_dim)[:length].transpose(0, 1)
+        k = k_blocks[chunk.block_table].view(-1, num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, blocks * size, D]
+        v = v_blocks[chunk.block_table].view(-1, num_kv_heads, head_dim).transpose(0, 1)
         n = chunk.num_tokens
         folded = q[span].reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, head_dim)
         attended = F.scaled_dot_product_attention(

@@ -34,14 +34,12 @@ class PrefillChunk:
 
     start: int
     num_tokens: int
-    context_len: int
-    """Tokens of the sequence in the cache after this step (its earlier tokens + this chunk)."""
     block_table: torch.Tensor | None
     """[blocks] the sequence's KV blocks, when earlier tokens are cached (None: the chunk is the
     whole context, attended from its own keys with a plain causal mask)."""
     folded_mask: torch.Tensor | None
-    """[group * num_tokens, context_len] bool, when earlier tokens are cached: query row (g, i) (the
-    g-th query head of a KV head, chunk token i) sees context positions up to its own."""
+    """[group * num_tokens, blocks * block_size] bool, when earlier tokens are cached: query row
+    (g, i) (the g-th query head of a KV head, chunk token i) sees context positions up to its own."""
 
 
 @dataclass
@@ -110,13 +108,13 @@ def build_attention_context(
     start = num_decodes
     for table, c, q in zip(block_tables[num_decodes:], context_lens[num_decodes:], query_lens[num_decodes:]):
         if c == q:
-            chunks.append(PrefillChunk(start, q, c, None, None))
+            chunks.append(PrefillChunk(start, q, None, None))
         else:
-            rows = torch.arange(c - q, c)  # absolute position of each new token
-            mask = torch.arange(c)[None, :] <= rows[:, None]
-            folded = mask.repeat(query_group_size, 1)
             used = table[: (c + block_size - 1) // block_size]
-            chunks.append(PrefillChunk(start, q, c, dev(torch.tensor(used, dtype=torch.long)), dev(folded)))
+            rows = torch.arange(c - q, c)  # absolute position of each new token
+            mask = torch.arange(len(used) * block_size)[None, :] <= rows[:, None]  # whole blocks: aligned keys
+            folded = mask.repeat(query_group_size, 1)
+            chunks.append(PrefillChunk(start, q, dev(torch.tensor(used, dtype=torch.long)), dev(folded)))
         start += q
 
     return AttentionContext(
