@@ -103,14 +103,15 @@ def default_model_path() -> Path:
     import lorax_mlflow
     from lorax_mlflow.default_model import cache_root
     from lorax_mlflow.demo_adapters import ensure_demo_adapters
+    from lorax_mlflow.demo_medusa import ensure_demo_medusa
 
-    target = cache_root() / "default-model"
+    target = cache_root() / "default-model-2"  # 2: with the demo Medusa adapter
     if (target / "MLmodel").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / "MLmodel").exists():
-            adapters = ensure_demo_adapters()
+            adapters = ensure_demo_adapters() | ensure_demo_medusa()
             staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
             logger.info("saving the default model with adapters %s to %s", sorted(adapters), target)
             lorax_mlflow.save_model(staging, adapters=adapters)
