@@ -1,4 +1,4 @@
-"""Generation-feature throughput on the embedded default model: the full sampler and JSON output.
+"""Generation-feature throughput on the embedded default model: the full sampler and constrained output.
 
 16 concurrent requests, all in one engine, each mode run --repeats times interleaved with the others
 (the median is reported, so a burst of load on a shared machine hits every mode alike):
@@ -6,10 +6,13 @@
   full sampler     temperature, top_p, top_k, min_p, presence/frequency/repetition penalties, seeded
   JSON schema      greedy under a json_schema response_format (4 schemas, compiled during warm-up);
                    these stop when the JSON is complete, at different lengths
-  free, JSON lengths  greedy, ignore_eos, each request capped at the length of the matching JSON
-                   output: the same tokens per request, so the batch shrinks step by step exactly as
-                   in the JSON run and the two differ only by the grammar work
-Targets: full sampler >= 0.95x greedy; JSON >= 0.9x free (with JSON lengths).
+  tool required    greedy, tool_choice "required" over 2 tools (the forced-call grammar), prompts
+                   rendered with the tool listing
+  regex            greedy under a guided_regex (a capitalised sentence of 4-9 words)
+  free, X lengths  greedy, ignore_eos, same prompts as X, each request capped at the length of the
+                   matching X output: the same tokens per request, so the batch shrinks step by step
+                   exactly as in the X run and the two differ only by the grammar work
+Targets: full sampler >= 0.95x greedy; JSON, tool required, regex >= 0.9x free (with their lengths).
 `sampler ms/step` is the time inside the sampler (masks, penalties, draws) per engine step.
 """
 
@@ -18,18 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
 from benchmarks.common import PROMPTS, device_label, machine_line
+from lorax_mlflow.chat.templates import ChatTemplates
 from lorax_mlflow.default_model import default_model_path
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.llm_engine import LLMEngine
 from lorax_mlflow.engine.outputs import CompletionOutput
 from lorax_mlflow.engine.sampling_params import SamplingParams
-from lorax_mlflow.structured import parse_response_format
+from lorax_mlflow.structured import RegexConstraint, parse_response_format
+from lorax_mlflow.tools import hermes
+from lorax_mlflow.tools.spec import ToolRequest, parse_tools
 
 NAME = {"type": "string", "maxLength": 24}
 SCHEMAS = [
@@ -45,9 +52,20 @@ SCHEMAS = [
     {"type": "object", "properties": {"summary": {"type": "string", "maxLength": 80}, "ok": {"type": "boolean"}},
      "required": ["summary", "ok"]},
 ]
+TOOLS = [
+    {"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
+        "type": "object", "properties": {"query": NAME, "limit": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["query", "limit"]}}},
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object", "properties": {"city": NAME, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}},
+]
+SENTENCE = RegexConstraint(r"[A-Z][a-z]{1,10}( [a-z]{1,10}){3,8}\.")
+CONSTRAINED = ("JSON schema", "tool required", "regex")
 
 
-FREE_JSON_LENGTHS = "free, JSON lengths"
+def free_lengths(mode: str) -> str:
+    return f"free, {mode} lengths"
 
 
 @dataclass
@@ -107,6 +125,25 @@ def json_params(max_tokens: int, index: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_output=parse_response_format(fmt))
 
 
+def tool_params_maker(tools: ToolRequest):
+    constraint = hermes.forced_call_constraint(tools)
+
+    def tool_params(max_tokens: int, index: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_output=constraint)
+
+    return tool_params
+
+
+def regex_params(max_tokens: int, index: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_output=SENTENCE)
+
+
+def tool_prompts(tokenizer, tools: ToolRequest, count: int) -> list[list[int]]:
+    templates = ChatTemplates(tokenizer)
+    return [templates.render([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tools=tools)
+            for i in range(count)]
+
+
 def run(engine: LLMEngine, timer: SamplerTimer, prompts, make_params, max_tokens: int | list[int]) -> Measurement:
     """All requests submitted at once; `max_tokens` per request when a list."""
     caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
@@ -146,19 +183,24 @@ def main() -> None:
     engine = LLMEngine(base, EngineConfig()).start()
     timer = SamplerTimer(engine)
 
+    tools = parse_tools({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False})
     modes = {
         "greedy (= free)": (prompts, greedy_params),
         "full sampler": (prompts, full_sampler_params),
         "JSON schema": (json_prompts, json_params),
+        "tool required": (tool_prompts(tokenizer, tools, args.requests), tool_params_maker(tools)),
+        "regex": (chat_prompts(tokenizer, args.requests, " Answer in one sentence."), regex_params),
     }
-    for mode_prompts, make_params in modes.values():  # warm-up; compiles the JSON grammars
+    for mode_prompts, make_params in modes.values():  # warm-up; compiles the grammars
         run(engine, timer, mode_prompts[: len(SCHEMAS)], make_params, 4)
-    samples: dict[str, list[Measurement]] = {name: [] for name in [*modes, FREE_JSON_LENGTHS]}
+    samples: dict[str, list[Measurement]] = {name: [] for name in modes}
+    samples.update({free_lengths(name): [] for name in CONSTRAINED})
     for _ in range(args.repeats):
         for name, (mode_prompts, make_params) in modes.items():
             samples[name].append(run(engine, timer, mode_prompts, make_params, args.max_tokens))
-        lengths = [len(o.token_ids) for o in samples["JSON schema"][-1].outputs]
-        samples[FREE_JSON_LENGTHS].append(run(engine, timer, json_prompts, greedy_params, lengths))
+            if name in CONSTRAINED:
+                lengths = [len(o.token_ids) for o in samples[name][-1].outputs]
+                samples[free_lengths(name)].append(run(engine, timer, mode_prompts, greedy_params, lengths))
     engine.shutdown()
 
     median = {name: sorted(runs, key=lambda m: m.tokens_per_s)[len(runs) // 2] for name, runs in samples.items()}
@@ -173,10 +215,15 @@ def main() -> None:
         print(f"{name:<22} {m.tokens_per_s:>9.1f} {m.tokens:>7} {m.seconds:>7.2f} {m.sampler_ms_per_step:>16.2f} "
               f"{m.tokens_per_s / greedy:>9.2f}x {spread:>24}")
     print(f"\nfull sampler / greedy = {median['full sampler'].tokens_per_s / greedy:.2f} (target >= 0.95)")
-    json_ratio = median["JSON schema"].tokens_per_s / median[FREE_JSON_LENGTHS].tokens_per_s
-    print(f"JSON / free with JSON lengths = {json_ratio:.2f} (target >= 0.9)")
+    for name in CONSTRAINED:
+        ratio = median[name].tokens_per_s / median[free_lengths(name)].tokens_per_s
+        print(f"{name} / free with {name} lengths = {ratio:.2f} (target >= 0.9)")
     parsed, truncated = json_validity(samples["JSON schema"][-1].outputs)
     print(f"JSON outputs: {parsed} complete and parsed, {truncated} cut by max_tokens, of {args.requests}")
+    calls = sum(bool(hermes.parse(o.text, tools).tool_calls) for o in samples["tool required"][-1].outputs)
+    print(f"tool required outputs: {calls} parsed as calls of {args.requests}")
+    matched = sum(bool(re.fullmatch(SENTENCE.pattern, o.text)) for o in samples["regex"][-1].outputs)
+    print(f"regex outputs: {matched} matched in full of {args.requests} (the others were cut by max_tokens)")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float = 1
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # URLError, refused, or a read timeout while the gateway starts
             if process.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"{url} did not come up") from None
             time.sleep(0.5)

@@ -9,7 +9,15 @@ from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    PERMISSION_DENIED,
+    REQUEST_LIMIT_EXCEEDED,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+    UNAUTHENTICATED,
+)
 from mlflow.types.llm import ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChatParams
 
 from lorax_mlflow import openai_format, tracing
@@ -19,17 +27,23 @@ from lorax_mlflow.service import LoraxService
 logger = logging.getLogger(__name__)
 
 
+_MLFLOW_CODES = {401: UNAUTHENTICATED, 403: PERMISSION_DENIED, 404: RESOURCE_DOES_NOT_EXIST,
+                 429: REQUEST_LIMIT_EXCEEDED, 500: INTERNAL_ERROR, 503: TEMPORARILY_UNAVAILABLE}
+
+
 def to_mlflow_error(error: LoraxError) -> MlflowException:
-    code = {404: RESOURCE_DOES_NOT_EXIST, 503: INTERNAL_ERROR}.get(error.status, INVALID_PARAMETER_VALUE)
-    return MlflowException(error.message, error_code=code)
+    """The MlflowException whose HTTP status is the error's own (400 for every other 4xx)."""
+    return MlflowException(error.message, error_code=_MLFLOW_CODES.get(error.status, INVALID_PARAMETER_VALUE))
 
 
 class LoraxChatModel(mlflow.pyfunc.ChatModel):
     """Multi-LoRA chat model. Choose the adapter per request with ``custom_inputs.adapter_id``.
 
     Every LoRAX/OpenAI extension that MLflow's ChatParams does not know (adapter_source,
-    merged_adapters, api_token, response_format, seed, min_p, logprobs, ...) travels in
-    ``custom_inputs``.
+    merged_adapters, api_token, response_format, guided_*, tool_choice, parallel_tool_calls, seed,
+    min_p, logprobs, ...) travels in ``custom_inputs``. Tools come from ChatParams.tools, or from
+    ``custom_inputs.tools``, which wins: MLflow's tool type keeps only part of JSON Schema
+    (no minimum, maxLength, nested properties...), the OpenAI shape there keeps all of it.
     """
 
     def __init__(self) -> None:
@@ -46,10 +60,8 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
             "messages": [{k: v for k, v in m.to_dict().items() if v is not None} for m in messages]
         }
         for key, value in params.to_dict().items():
-            if key not in ("custom_inputs", "stream", "tools") and value is not None:
+            if key not in ("custom_inputs", "stream") and value is not None:
                 body[key] = value
-        if params.tools:
-            raise to_mlflow_error(LoraxError("tools are not supported by this model", param="tools"))
         body.update(params.custom_inputs or {})
         if body.get("top_k") == 0:  # MLflow clients send 0 for "unset"
             body.pop("top_k")
@@ -69,7 +81,8 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
                 prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
             output = service.submit(prepared).result()
             response = openai_format.chat_completion(
-                output, model=prepared.model, created=int(time.time()), tokenizer=service.engine.tokenizer
+                output, model=prepared.model, created=int(time.time()), tokenizer=service.engine.tokenizer,
+                tools=prepared.tools,
             )
         except BaseException as error:
             trace.fail(error)
@@ -86,13 +99,12 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
         body = self._body(messages, params)
         trace = tracing.start_request("predict_stream", body)
         created = int(time.time())
-        first = True
         try:
             with trace.template():
                 prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
+            deltas = openai_format.ChatDeltas(service.engine.tokenizer, prepared.tools)
             for output in service.submit(prepared):
-                choices = openai_format.chat_delta_choices(output, service.engine.tokenizer, first=first)
-                first = False
+                choices = deltas.choices(output)
                 if choices:
                     yield ChatCompletionChunk.from_dict(
                         openai_format.chat_chunk(output.request_id, prepared.model, created, choices)

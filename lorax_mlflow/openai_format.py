@@ -7,6 +7,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from lorax_mlflow.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from lorax_mlflow.tools import hermes
+from lorax_mlflow.tools.spec import ToolRequest
 
 
 def usage(output: RequestOutput) -> dict[str, int]:
@@ -47,18 +49,36 @@ def completion_logprobs(
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
+def _finish_reason(choice: CompletionOutput, called: bool) -> str | None:
+    """"tool_calls" when the model ended its turn after calling; "length" stays "length"."""
+    return "tool_calls" if called and choice.finish_reason == "stop" else choice.finish_reason
+
+
+def chat_message(choice: CompletionOutput, tools: ToolRequest | None) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished choice and its finish_reason; with tools, the calls
+    parsed out of the text go to `tool_calls` and the rest stays `content` (None when empty)."""
+    if tools is None:
+        return {"role": "assistant", "content": choice.text}, choice.finish_reason
+    parsed = hermes.parse(choice.text, tools)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.tool_calls:
+        message["tool_calls"] = [call.to_openai() for call in parsed.tool_calls]
+    return message, _finish_reason(choice, bool(parsed.tool_calls))
+
+
 def chat_completion(
-    output: RequestOutput, *, model: str, created: int, tokenizer: PreTrainedTokenizerBase
+    output: RequestOutput, *, model: str, created: int, tokenizer: PreTrainedTokenizerBase,
+    tools: ToolRequest | None = None,
 ) -> dict[str, Any]:
-    choices = [
-        {
+    choices = []
+    for choice in output.outputs:
+        message, finish_reason = chat_message(choice, tools)
+        choices.append({
             "index": choice.index,
-            "message": {"role": "assistant", "content": choice.text},
-            "finish_reason": choice.finish_reason,
+            "message": message,
+            "finish_reason": finish_reason,
             "logprobs": None if choice.logprobs is None else chat_logprobs(tokenizer, choice.logprobs),
-        }
-        for choice in output.outputs
-    ]
+        })
     return envelope("chat.completion", f"chatcmpl-{output.request_id}", model, created, choices, usage(output))
 
 
@@ -80,26 +100,59 @@ def chat_chunk(
     return envelope("chat.completion.chunk", f"chatcmpl-{request_id}", model, created, choices, usage_)
 
 
-def chat_delta_choices(
-    output: RequestOutput, tokenizer: PreTrainedTokenizerBase, *, first: bool
-) -> list[dict[str, Any]]:
-    """One streamed step: per choice a content delta (the first one also carries the role)."""
-    choices = []
-    for choice in output.outputs:
-        if not first and not choice.delta_text and choice.finish_reason is None:
-            continue
-        delta: dict[str, Any] = {"role": "assistant", "content": choice.delta_text} if first else {}
-        if not first and choice.delta_text:
-            delta["content"] = choice.delta_text
-        choices.append(
-            {
+class ChatDeltas:
+    """The chunk choices of one streamed chat request, output after output.
+
+    The first chunk of each choice carries the role. With tools, each call goes out whole in one
+    `delta.tool_calls` entry as soon as its block closes: `{index, id, type, function: {name,
+    arguments}}` with `index` counting the choice's calls, which is how the openai SDK and
+    LangChain accumulate calls; content around the calls streams as `content`.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, tools: ToolRequest | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.tools = tools
+        self._started: set[int] = set()
+        self._parsers: dict[int, hermes.StreamParser] = {}
+        self._calls: dict[int, int] = {}
+
+    def choices(self, output: RequestOutput) -> list[dict[str, Any]]:
+        choices = []
+        for choice in output.outputs:
+            first = choice.index not in self._started
+            self._started.add(choice.index)
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            self._add_text(delta, choice)
+            if not first and not delta and choice.finish_reason is None and not choice.delta_logprobs:
+                continue
+            called = self._calls.get(choice.index, 0) > 0
+            choices.append({
                 "index": choice.index,
                 "delta": delta,
-                "finish_reason": choice.finish_reason,
-                "logprobs": chat_logprobs(tokenizer, choice.delta_logprobs) if choice.logprobs is not None else None,
-            }
-        )
-    return choices
+                "finish_reason": _finish_reason(choice, called) if choice.finish_reason else None,
+                "logprobs": chat_logprobs(self.tokenizer, choice.delta_logprobs) if choice.logprobs is not None else None,
+            })
+        return choices
+
+    def _add_text(self, delta: dict[str, Any], choice: CompletionOutput) -> None:
+        if self.tools is None:
+            if choice.delta_text:
+                delta["content"] = choice.delta_text
+            return
+        parser = self._parsers.setdefault(choice.index, hermes.StreamParser(self.tools))
+        events = parser.feed(choice.delta_text)
+        if choice.finish_reason is not None:
+            events += parser.finish()
+        content = "".join(e for e in events if isinstance(e, str))
+        if content:
+            delta["content"] = delta.get("content", "") + content
+        calls = []
+        for call in (e for e in events if isinstance(e, hermes.ToolCall)):
+            index = self._calls.get(choice.index, 0)
+            self._calls[choice.index] = index + 1
+            calls.append({"index": index, **call.to_openai()})
+        if calls:
+            delta["tool_calls"] = calls
 
 
 def text_completion_choice(

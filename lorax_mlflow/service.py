@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ from lorax_mlflow.engine.llm_engine import LLMEngine
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.engine.stream import RequestStream
 from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.tools.hermes import forced_call_constraint
+from lorax_mlflow.tools.spec import ToolRequest, parse_tools
 from lorax_mlflow.translate import adapter_request, sampling_params
 
 
@@ -25,6 +28,8 @@ class PreparedRequest:
     """What to echo in the response's `model` field."""
     prompt_text: str | None = None
     """For completions with echo."""
+    tools: ToolRequest | None = None
+    """Chat with tools: the output is parsed for tool calls."""
 
 
 class LoraxService:
@@ -43,8 +48,11 @@ class LoraxService:
         self, body: Mapping[str, Any], *, model_field: str | None = None, bearer_token: str | None = None
     ) -> PreparedRequest:
         messages = body.get("messages")
+        if isinstance(messages, str):  # one user message, as the RunPod vLLM worker accepts
+            messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, list):
-            raise InvalidRequestError("messages must be a list of chat messages", param="messages")
+            raise InvalidRequestError("messages must be a string or a list of chat messages", param="messages")
+        tools = parse_tools(body)
         adapter = self._adapter(body, model_field, bearer_token)
         prompt = self.templates.render(
             messages,
@@ -52,9 +60,16 @@ class LoraxService:
             add_generation_prompt=body.get("add_generation_prompt", True),
             chat_template=body.get("chat_template"),
             chat_template_kwargs=body.get("chat_template_kwargs"),
+            tools=tools,
         )
         params = sampling_params(body, prompt_len=len(prompt), max_model_len=self.engine.max_model_len)
-        return PreparedRequest(prompt, params, adapter, model=model_field or self.base_model_name)
+        if tools is not None and tools.forced:
+            if params.structured_output is not None:
+                raise InvalidRequestError(
+                    f"tool_choice {tools.choice!r} forces a tool call, which {params.structured_output.param} "
+                    "would contradict", param="tool_choice")
+            params = dataclasses.replace(params, structured_output=forced_call_constraint(tools))
+        return PreparedRequest(prompt, params, adapter, model=model_field or self.base_model_name, tools=tools)
 
     def prepare_completions(
         self, body: Mapping[str, Any], *, model_field: str | None = None, bearer_token: str | None = None

@@ -10,6 +10,8 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.tools.prompt import fallback_messages, native_messages, renders_hermes_tools
+from lorax_mlflow.tools.spec import ToolRequest
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,10 @@ class ChatTemplates:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: ToolRequest | None = None,
     ) -> list[int]:
+        """Prompt token ids. `tools` (and tool turns in the history) go through the template when it
+        renders Hermes tool calls itself, else through the fallback format of tools/prompt.py."""
         tokenizer = self.tokenizer_for(adapter_folder)
         template = chat_template or tokenizer.chat_template
         if not template:
@@ -63,13 +68,20 @@ class ChatTemplates:
         normalized = [normalize_message(m, i) for i, m in enumerate(messages)]
         if not normalized:
             raise InvalidRequestError("messages must not be empty", param="messages")
+        kwargs = dict(chat_template_kwargs or {})
+        if renders_hermes_tools(template):
+            normalized = native_messages(normalized)
+            if tools is not None:
+                kwargs["tools"] = [f.to_openai() for f in tools.functions]
+        else:
+            normalized = fallback_messages(normalized, tools)
         try:
             rendered = tokenizer.apply_chat_template(
                 normalized,
                 chat_template=template,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
-                **(chat_template_kwargs or {}),
+                **kwargs,
             )
         except Exception as error:  # a Jinja error in a user-supplied template is the caller's mistake
             raise InvalidRequestError(f"chat template failed to render: {error}", param="chat_template") from error
@@ -77,8 +89,40 @@ class ChatTemplates:
         return tokenizer.encode(rendered, add_special_tokens=False)
 
 
+def _text(content: list[Any], index: int) -> str:
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequestError(f"messages[{index}].content[{j}] must be a content part object",
+                                      param="messages")
+        if part["type"] != "text":
+            raise InvalidRequestError(
+                f"messages[{index}].content[{j}] is of type {part['type']!r}: this model accepts text only",
+                param="messages",
+            )
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequestError(f"messages[{index}].content[{j}].text must be a string", param="messages")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _tool_calls(calls: Any, index: int) -> list[dict[str, Any]]:
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise InvalidRequestError(f"{where} must be a list", param="messages")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(f"{where}[{j}] must be {{'type': 'function', 'function': {{'name', "
+                                      "'arguments'}}}", param="messages")
+        if not isinstance(function.get("arguments", ""), (str, dict)):
+            raise InvalidRequestError(f"{where}[{j}].function.arguments must be a JSON string", param="messages")
+    return calls
+
+
 def normalize_message(message: Any, index: int) -> dict[str, Any]:
-    """Check one OpenAI message and flatten list-of-text-parts content to a string."""
+    """Check one OpenAI message: text content (parts joined), tool calls on assistant turns, the
+    call id on tool turns; `developer` is read as `system`."""
     if not isinstance(message, dict):
         raise InvalidRequestError(f"messages[{index}] must be an object", param="messages")
     role = message.get("role")
@@ -88,20 +132,16 @@ def normalize_message(message: Any, index: int) -> dict[str, Any]:
         )
     content = message.get("content")
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequestError(
-                    f"messages[{index}].content parts must be text parts ({{'type': 'text', 'text': ...}})",
-                    param="messages",
-                )
-            texts.append(part["text"])
-        content = "".join(texts)
-    elif content is None and role == "assistant":
+        content = _text(content, index)
+    elif content is None and role in ("assistant", "tool"):
         content = ""
     elif not isinstance(content, str):
         raise InvalidRequestError(f"messages[{index}].content must be a string or text parts", param="messages")
-    normalized = {"role": "system" if role == "developer" else role, "content": content}
+    normalized: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
     if message.get("name"):
         normalized["name"] = message["name"]
+    if role == "assistant" and message.get("tool_calls"):
+        normalized["tool_calls"] = _tool_calls(message["tool_calls"], index)
+    if role == "tool" and message.get("tool_call_id") is not None:
+        normalized["tool_call_id"] = message["tool_call_id"]
     return normalized

@@ -42,8 +42,16 @@ def mlflow_error_body(error: LoraxError) -> dict[str, str]:
     return {"error_code": code, "message": error.message}
 
 
+def log_client_error(route: str, status: int, param: str | None, message: str) -> None:
+    """One INFO line per 4xx: route, status, parameter, message. Messages name parameters and
+    limits, never the prompt or a token."""
+    if 400 <= status < 500:
+        logger.info("%s -> %d param=%s: %s", route, status, param or "-", message)
+
+
 def error_response(request: Request, error: LoraxError) -> JSONResponse:
     path = request.url.path
+    log_client_error(f"{request.method} {path}", error.status, error.param, error.message)
     if path in LORAX_ROUTES:
         body: dict[str, Any] = lorax_error_body(error)
     elif path == "/invocations":

@@ -2,17 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from mlflow.exceptions import MlflowException
+from mlflow.types.llm import ChatParams
 
 from lorax_mlflow.errors import InvalidRequestError
 from lorax_mlflow.server.common import off_loop
-from lorax_mlflow.server.errors import HTTPStatusError
+from lorax_mlflow.server.errors import HTTPStatusError, log_client_error
 from lorax_mlflow.server.metrics import ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
+
+
+logger = logging.getLogger(__name__)
+CHAT_PARAMS_FIELDS = frozenset(f.name for f in dataclasses.fields(ChatParams))
+
+
+def chat_model_input(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped body as the ChatModel input: MLflow's ChatParams drops fields it does not
+    know, so every other field (tool_choice, response_format, seed, ...) moves into
+    `custom_inputs`, and `model` becomes `custom_inputs.adapter_id`, selecting the adapter as on /v1.
+    `tools` moves too: MLflow's schema for them rejects most of JSON Schema (maxLength, minimum,
+    nested objects). When `custom_inputs` sets a field too, `custom_inputs` wins (it is the
+    MLflow-native place)."""
+    lifted = {k: v for k, v in body.items()
+              if (k not in CHAT_PARAMS_FIELDS or k == "tools") and k not in ("messages", "custom_inputs")}
+    if not lifted:
+        return body
+    if "model" in lifted:
+        lifted["adapter_id"] = lifted.pop("model")
+    custom = body.get("custom_inputs")
+    if custom is not None and not isinstance(custom, dict):
+        raise InvalidRequestError("custom_inputs must be an object", param="custom_inputs")
+    overridden = sorted(set(lifted) & set(custom or {}))
+    if overridden:
+        logger.debug("/invocations: custom_inputs wins over top-level %s", ", ".join(overridden))
+    kept = {k: v for k, v in body.items() if k not in lifted and k != "model"}
+    return {**kept, "custom_inputs": {**lifted, **(custom or {})}}
 
 
 def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
@@ -36,10 +67,17 @@ def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
             record.close(400)
             raise InvalidRequestError("the request body must be a JSON object with `messages`")
         try:
-            response = await off_loop(predict, body)
+            model_input = chat_model_input(body)
+        except InvalidRequestError:
+            record.close(400)
+            raise
+        try:
+            response = await off_loop(predict, model_input)
         except MlflowException as error:
-            record.close(error.get_http_status_code())
-            return JSONResponse(json.loads(error.serialize_as_json()), status_code=error.get_http_status_code())
+            status = error.get_http_status_code()
+            record.close(status)
+            log_client_error("POST /invocations", status, None, error.message)
+            return JSONResponse(json.loads(error.serialize_as_json()), status_code=status)
         record.adapter = response.get("model") or "base"
         record.close(200)
         return response

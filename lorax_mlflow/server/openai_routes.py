@@ -24,9 +24,10 @@ from lorax_mlflow.service import LoraxService, PreparedRequest
 logger = logging.getLogger(__name__)
 
 
-def _log_user(body: GenerationFields, route: str) -> None:
-    if body.user:
-        logger.info("%s request from user %r", route, body.user)
+def _log_ignored(body: GenerationFields, route: str) -> None:
+    ignored = body.ignored()
+    if ignored:
+        logger.debug("%s: ignoring %s (they change nothing here)", route, ", ".join(ignored))
 
 
 def _include_usage(body: GenerationFields) -> bool:
@@ -71,7 +72,7 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _log_user(body, "chat")
+        _log_ignored(body, "chat")
         record = metrics.request("chat")
         token = bearer_token(request)
         service, (prepared,), streams = await prepare(
@@ -91,11 +92,12 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
             raise
         record.output(output)
         record.close(200)
-        return openai_format.chat_completion(output, model=prepared.model, created=created, tokenizer=tokenizer)
+        return openai_format.chat_completion(output, model=prepared.model, created=created, tokenizer=tokenizer,
+                                             tools=prepared.tools)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        _log_user(body, "completions")
+        _log_ignored(body, "completions")
         record = metrics.request("completions")
         token = bearer_token(request)
         service, prepared, streams = await prepare(
@@ -149,14 +151,13 @@ async def _chat_events(
     record: RequestRecord,
 ) -> AsyncIterator[str]:
     status = 499  # client closed the stream before the end
-    first = True
+    deltas = openai_format.ChatDeltas(tokenizer, prepared.tools)
     last: RequestOutput | None = None
     try:
         try:
             async for _, output in outputs:
                 last = output
-                choices = openai_format.chat_delta_choices(output, tokenizer, first=first)
-                first = False
+                choices = deltas.choices(output)
                 if choices:
                     yield sse_event(openai_format.chat_chunk(output.request_id, prepared.model, created, choices))
             assert last is not None

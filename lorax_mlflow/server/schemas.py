@@ -2,14 +2,15 @@
 
 The models check shapes and types; ranges and cross-field rules live in one place,
 `translate.sampling_params` / `SamplingParams.validate`, shared with the ChatModel. Unknown
-fields are rejected (400), as OpenAI does, except `user`, which is accepted and only logged.
+fields are rejected (400 naming the field); fields that change nothing here (IgnoredFields) are
+accepted and only logged at debug level.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Body(BaseModel):
@@ -36,7 +37,24 @@ class LoraxExtensions(_Body):
     merged_adapters: MergedAdapters | None = None
 
 
-class GenerationFields(LoraxExtensions):
+class IgnoredFields(_Body):
+    """Fields real clients send that change nothing server-side: accepted, logged at debug, unused.
+    `reasoning_effort` included: the served models do not reason; `modalities` only as ["text"]."""
+
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    reasoning_effort: str | None = None
+    modalities: list[Literal["text"]] | None = None
+
+    def ignored(self) -> list[str]:
+        return [name for name in IgnoredFields.model_fields if getattr(self, name) is not None]
+
+
+class GenerationFields(LoraxExtensions, IgnoredFields):
     """Generation parameters shared by chat and completions (OpenAI names plus vLLM's extras)."""
 
     model: str = ""
@@ -69,28 +87,39 @@ class GenerationFields(LoraxExtensions):
     structured_outputs: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    """Accepted and recorded in the log only."""
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(_Body):
+    """Content parts other than text pass through to the one check that answers "text only"."""
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    """Response-message fields that clients echo back in the history; not shown to the model."""
+    audio: None = None
+    function_call: None = None
+    """Only as null (the openai SDK may echo them back as such)."""
 
 
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage]
+    """A string is read as one user message."""
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _one_user_message(cls, value: Any) -> Any:
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
     logprobs: bool | None = None
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
