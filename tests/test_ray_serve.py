@@ -4,8 +4,10 @@ unmodified openai SDK. Answers are compared with the single-process server over 
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -94,6 +96,22 @@ def test_requests_for_one_adapter_land_on_the_same_replica(ray_url, tiny_adapter
 def test_errors_keep_their_wire_shape_through_the_ingress(ray_url):
     response = httpx.post(ray_url + "/v1/chat/completions", json={"model": "a", "messages": "nope"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_a_client_that_disconnects_mid_stream_aborts_its_request_on_the_replica(ray_url):
+    body = {"model": "a", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 200,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", ray_url + "/v1/chat/completions", json=body, timeout=120) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+    aborted = re.compile(r'^lorax_requests_total\{adapter="a",route="chat",status="499"\} [1-9]', re.M)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # GET /metrics naming adapter "a" is routed to a's replica
+        metrics = httpx.request("GET", ray_url + "/metrics", content=b'{"model": "a"}').text
+        if aborted.search(metrics):
+            return
+        time.sleep(0.5)
+    raise AssertionError("the replica finished the stream instead of aborting it:\n" +
+                         "\n".join(line for line in metrics.splitlines() if line.startswith("lorax_requests_total")))
 
 
 def test_a_replica_killed_mid_stream_fails_that_stream_and_the_next_request_succeeds(ray_url):

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -152,10 +153,14 @@ class LoraxIngress:
 
 async def _body_chunks(responses, start: HttpResponseStart):
     """The body as the replica streams it; if the replica dies mid-stream, an SSE stream ends with
-    an error event and [DONE] (what our streaming routes send for any failure), others just end."""
+    an error event and [DONE] (what our streaming routes send for any failure), others just end.
+    A client that disconnects cancels the replica's request, which aborts its engine request."""
     try:
         async for chunk in responses:
             yield chunk
+    except asyncio.CancelledError:  # the client went away: stop the replica's request too
+        responses.cancel()
+        raise
     except Exception as error:
         logger.warning("replica failed mid-response: %s", error)
         content_type = dict(start.headers).get(b"content-type", b"")
