@@ -8,6 +8,7 @@ from typing import Any
 
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.adapters.merge import MergeSpec
+from lorax_mlflow.beam_search import BeamSearchParams
 from lorax_mlflow.adapters.sources import ADAPTER_SOURCES
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import InvalidRequestError
@@ -113,3 +114,24 @@ def adapter_request(
         merge_spec = MergeSpec.from_dict(merged)
     token = body.get("api_token") or bearer_token
     return AdapterRequest(adapter_id=adapter_id, adapter_source=source, api_token=token, merged_adapters=merge_spec)
+
+
+def beam_search_params(body: Mapping[str, Any], params: SamplingParams) -> BeamSearchParams | None:
+    """`use_beam_search` with `best_of` (default `n`) as the width; None without it (then
+    `length_penalty` and `early_stopping` change nothing and are ignored, as in vLLM). Streamed,
+    the beams arrive whole in one chunk once the search ends."""
+    if not body.get("use_beam_search"):
+        return None
+    unsupported = {
+        "logprobs": params.logprobs is not None,
+        "stop": bool(params.stop),
+        params.structured_output.param if params.structured_output is not None else "": params.structured_output,
+    }
+    for name, present in unsupported.items():
+        if present:
+            raise InvalidRequestError(f"use_beam_search cannot be combined with {name} here", param=name)
+    length_penalty = _number(body, "length_penalty", float) if _present(body, "length_penalty") else 1.0
+    beam = BeamSearchParams(width=params.num_sequences, max_tokens=params.max_tokens, n=params.n,
+                            length_penalty=length_penalty, early_stopping=body.get("early_stopping", False))
+    beam.validate()
+    return beam

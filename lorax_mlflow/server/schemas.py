@@ -85,6 +85,9 @@ class GenerationFields(LoraxExtensions, IgnoredFields):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
