@@ -26,6 +26,12 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
     "--num-threads": ("num_threads", int,
                       "torch threads of the engine thread (default: 1 on a CPU with <= 4 cores, else torch's)"),
+    "--max-adapter-bytes": ("max_adapter_bytes", int, "largest adapter one download (S3, MLflow) may fetch, in bytes"),
+    "--verified-token-ttl-s": ("verified_token_ttl_s", float,
+                               "seconds a token the hub accepted for a private adapter is trusted"),
+    "--max-prompts-per-request": ("max_prompts_per_request", int, "most prompts in one completions request"),
+    "--max-sequences-per-request": ("max_sequences_per_request", int,
+                                    "most sequences one request may start (prompts x n / best_of)"),
 }
 
 
@@ -62,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, default=0, metavar="N",
                        help="serve with N engine replicas (one core each) on a local Ray cluster, requests "
                        "routed by adapter id (needs the ray extra: pip install lorax-mlflow[ray])")
+    serve.add_argument("--s3-allow", action="append", dest="s3_allow", metavar="S3_URI",
+                       help="s3://bucket/prefix that S3 adapter ids may lie under; repeatable "
+                       f"(env {env_name('s3_allow')}, comma-separated). Default: none, S3 adapters are off")
+    serve.add_argument("--trust-request-chat-template", action="store_true", default=None,
+                       dest="trust_request_chat_template",
+                       help="accept a per-request chat_template (rendered sandboxed, with time and size budgets) "
+                       f"(env {env_name('trust_request_chat_template')}=1)")
+    serve.add_argument("--max-request-bytes", type=int, default=None,
+                       help="largest request body accepted; larger ones get 413 before they are parsed "
+                       "(env LORAX_MAX_REQUEST_BYTES; default 4 MiB)")
     return parser
 
 
@@ -94,6 +110,12 @@ def apply_engine_flags(args: argparse.Namespace) -> None:
             os.environ[env_name(field)] = str(value)
     if args.adapter_roots:
         os.environ[env_name("adapter_roots")] = os.pathsep.join(str(Path(r).resolve()) for r in args.adapter_roots)
+    if args.s3_allow:
+        os.environ[env_name("s3_allow")] = ",".join(args.s3_allow)
+    if args.trust_request_chat_template:
+        os.environ[env_name("trust_request_chat_template")] = "1"
+    if args.max_request_bytes is not None:
+        os.environ["LORAX_MAX_REQUEST_BYTES"] = str(args.max_request_bytes)
 
 
 def default_model_path() -> Path:

@@ -37,7 +37,7 @@ class ContextLengthError(InvalidRequestError):
 class AdapterNotFoundError(LoraxError):
     status = 404
     type = "not_found_error"
-    code = "adapter_not_found"
+    code = "model_not_found"
 
 
 class AdapterValidationError(LoraxError):

@@ -70,3 +70,34 @@ def server(served):
 
     with running_server(served) as running:
         yield running
+
+
+_open_recorders: list[list[str]] = []
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if _open_recorders and event in ("open", "os.open") and args and isinstance(args[0], (str, bytes, Path)):
+        for recorder in _open_recorders:
+            recorder.append(str(args[0]))
+
+
+@pytest.fixture
+def audit_opens():
+    """`with audit_opens() as opened:` records every path this process opens meanwhile (audit hooks)."""
+    import contextlib
+    import sys
+
+    if not getattr(sys, "_lorax_open_hook", False):
+        sys.addaudithook(_record_opens)  # audit hooks cannot be removed: installed once, idle when unused
+        sys._lorax_open_hook = True
+
+    @contextlib.contextmanager
+    def recording():
+        opened: list[str] = []
+        _open_recorders.append(opened)
+        try:
+            yield opened
+        finally:
+            _open_recorders.remove(opened)
+
+    return recording

@@ -16,7 +16,7 @@ from lorax_mlflow.errors import (
     AdapterAuthError,
     AdapterForbiddenError,
     AdapterNotFoundError,
-    EngineUnavailableError,
+    AdapterValidationError,
     InvalidRequestError,
 )
 from tests.support.hub_cache import add_commit, folder_files
@@ -78,8 +78,12 @@ def offline_cache(tmp_path, tiny_adapters, monkeypatch):
     return cache, main, v2
 
 
-def offline_sources(cache: Path, tmp_path: Path) -> AdapterSources:
-    return AdapterSources([], tmp_path / "downloads", hf_cache_dir=cache)
+def offline_sources(cache: Path, tmp_path: Path, known_public: tuple[str, ...] = ("org/adapter",)) -> AdapterSources:
+    """Offline sources that learned earlier (online, persisted with the downloads) which repos are public."""
+    sources = AdapterSources([], tmp_path / "downloads", hf_cache_dir=cache)
+    for repo in known_public:
+        sources.access_record.set(repo, "public")
+    return sources
 
 
 @pytest.mark.parametrize("revision,expected", [(None, "a"), ("main", "a"), ("v2", "b"), ("commit-of-b", "b")])
@@ -99,9 +103,19 @@ def test_hub_revisions_from_the_offline_cache(revision, expected, offline_cache,
 @pytest.mark.parametrize("adapter_id", ["org/unknown", "org/adapter@v9", "org/adapter@" + "0" * 40])
 def test_hub_offline_unknown_repo_or_revision_is_not_found(adapter_id, offline_cache, tmp_path):
     sources = offline_sources(offline_cache[0], tmp_path)
-    with pytest.raises(AdapterNotFoundError, match="not in the local hub cache") as info:
+    with pytest.raises(AdapterNotFoundError, match="not in the local hub cache .*HF_HUB_OFFLINE") as info:
         sources.fetch(parse_adapter_id(adapter_id))
     assert info.value.status == 404
+
+
+@pytest.mark.parametrize("token,error", [(None, AdapterAuthError), ("hf_anything", AdapterForbiddenError)])
+def test_hub_offline_fails_closed_when_access_was_never_checked(token, error, offline_cache, tmp_path):
+    """A cached repo the hub never classified (prefilled cache, or a restart that lost the state) is refused."""
+    sources = offline_sources(offline_cache[0], tmp_path, known_public=())
+    location = parse_adapter_id("org/adapter")
+    for attempt in (lambda: sources.check_access(location, token), lambda: sources.fetch(location, token)):
+        with pytest.raises(error, match="access state is unknown"):
+            attempt()
 
 
 # --- hub, online: public, private and gated repos -------------------------------------------------
@@ -225,13 +239,16 @@ def test_hub_unknown_repo_or_revision_is_not_found(adapter_id, match, sources):
         sources.fetch(parse_adapter_id(adapter_id))
 
 
-def test_unreachable_hub_is_a_service_error(tmp_path):
+def test_unreachable_hub_and_uncached_adapter_is_not_found(tmp_path):
+    """As vLLM: an id this server cannot find is a 404 naming where it looked, not a 503."""
     with socket.socket() as probe:  # a port with nobody listening
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    sources = AdapterSources([], tmp_path, hub_endpoint=f"http://127.0.0.1:{closed_port}", hub_offline=False)
-    with pytest.raises(EngineUnavailableError):
+    sources = AdapterSources([], tmp_path, hf_cache_dir=tmp_path / "hf", hub_endpoint=f"http://127.0.0.1:{closed_port}",
+                             hub_offline=False)
+    with pytest.raises(AdapterNotFoundError, match="not in the local hub cache .* the hub cannot be reached") as info:
         sources.check_access(parse_adapter_id("org/public"), None)
+    assert info.value.status == 404 and info.value.code == "model_not_found"
 
 
 def test_offline_hub_still_enforces_what_it_learned_online(sources, tiny_adapters):
@@ -242,6 +259,34 @@ def test_offline_hub_still_enforces_what_it_learned_online(sources, tiny_adapter
     sources.check_access(location, RIGHT)
     with pytest.raises(AdapterAuthError):
         sources.check_access(location, None)
+
+
+def test_what_the_hub_said_survives_a_restart_offline(hub, sources, tmp_path):
+    """The issue's case: a private adapter in the disk cache, the server restarted with HF_HUB_OFFLINE=1."""
+    private, public = parse_adapter_id("org/private"), parse_adapter_id("org/public")
+    sources.fetch(private, RIGHT)
+    sources.fetch(public)
+
+    restarted = AdapterSources([], tmp_path / "downloads", hf_cache_dir=tmp_path / "hf-cache", hub_offline=True)
+    seen = len(hub.requests)
+    restarted.check_access(public, None)
+    for token, error in ((None, AdapterAuthError), (RIGHT, AdapterForbiddenError)):
+        with pytest.raises(error, match="private and the hub is offline"):
+            restarted.fetch(private, token)  # a token verified before the restart is not trusted blindly
+    assert len(hub.requests) == seen  # offline: the hub is never asked
+
+
+def test_verified_tokens_expire(hub, tmp_path):
+    sources = AdapterSources([], tmp_path / "d", hf_cache_dir=tmp_path / "c", hub_offline=False,
+                             verified_token_ttl_s=0.0)
+    location = parse_adapter_id("org/private")
+    sources.fetch(location, RIGHT)
+    seen = len(hub.requests)
+    sources.check_access(location, RIGHT)
+    assert len(hub.requests) > seen  # checked with the hub again: the earlier verification expired
+    sources.hub_offline = True
+    with pytest.raises(AdapterForbiddenError):
+        sources.check_access(location, RIGHT)
 
 
 # --- S3 -------------------------------------------------------------------------------------------
@@ -276,9 +321,13 @@ def s3(s3_server, monkeypatch, tiny_adapters):
     return client, bucket
 
 
+def s3_sources(tmp_path: Path, bucket: str, **kwargs) -> AdapterSources:
+    return AdapterSources([], tmp_path, s3_allow=[f"s3://{bucket}/team"], **kwargs)
+
+
 def test_s3_prefix_is_mirrored_into_the_download_dir(s3, tmp_path, tiny_adapters):
     _, bucket = s3
-    sources = AdapterSources([], tmp_path)
+    sources = s3_sources(tmp_path, bucket)
 
     folder = sources.fetch(parse_adapter_id(f"s3://{bucket}/team/a"))
 
@@ -289,7 +338,7 @@ def test_s3_prefix_is_mirrored_into_the_download_dir(s3, tmp_path, tiny_adapters
 
 def test_s3_refetch_downloads_only_changed_objects_and_drops_deleted_ones(s3, tmp_path):
     client, bucket = s3
-    sources = AdapterSources([], tmp_path)
+    sources = s3_sources(tmp_path, bucket)
     location = parse_adapter_id(f"s3://{bucket}/team/a")
     folder = sources.fetch(location)
 
@@ -307,13 +356,46 @@ def test_s3_refetch_downloads_only_changed_objects_and_drops_deleted_ones(s3, tm
 
 
 @pytest.mark.parametrize(
-    "uri", ["s3://{bucket}/team/missing", "s3://{bucket}/team/a/adapter", "s3://no-such-bucket-here/a"]
+    "uri", ["s3://{bucket}/team/missing", "s3://{bucket}/team/a/adapter", "s3://no-such-bucket-here/team/a"]
 )
 def test_s3_missing_prefix_or_bucket_is_not_found(uri, s3, tmp_path):
     _, bucket = s3
+    sources = AdapterSources([], tmp_path, s3_allow=[f"s3://{bucket}/team", "s3://no-such-bucket-here"])
     with pytest.raises(AdapterNotFoundError) as info:
-        AdapterSources([], tmp_path).fetch(parse_adapter_id(uri.format(bucket=bucket)))
+        sources.fetch(parse_adapter_id(uri.format(bucket=bucket)))
     assert info.value.status == 404
+
+
+@pytest.mark.parametrize("allow", [(), ("s3://{bucket}/team/b",), ("s3://{bucket}/tea",), ("s3://other/team",)])
+def test_s3_only_allowlisted_prefixes_are_fetched(allow, s3, tmp_path):
+    _, bucket = s3
+    sources = AdapterSources([], tmp_path, s3_allow=[entry.format(bucket=bucket) for entry in allow])
+    with pytest.raises(AdapterForbiddenError, match="not under an allowed S3 prefix") as info:
+        sources.fetch(parse_adapter_id(f"s3://{bucket}/team/a"))
+    assert info.value.status == 403
+    assert not (tmp_path / "s3").exists()
+
+
+@pytest.mark.parametrize("uri", ["s3://{bucket}", "s3://{bucket}/", "s3://{bucket}/./"])
+def test_s3_whole_bucket_is_refused(uri, s3, tmp_path):
+    _, bucket = s3
+    with pytest.raises(InvalidRequestError, match="whole bucket"):
+        parse_adapter_id(uri.format(bucket=bucket))
+
+
+def test_s3_download_is_capped_per_adapter(s3, tmp_path):
+    _, bucket = s3
+    sources = s3_sources(tmp_path, bucket, max_adapter_bytes=1000)
+    with pytest.raises(AdapterValidationError, match="above the per-adapter download limit") as info:
+        sources.fetch(parse_adapter_id(f"s3://{bucket}/team/a"))
+    assert info.value.status == 400
+    assert not (tmp_path / "s3").exists()
+
+
+def test_s3_spellings_share_one_location(s3):
+    _, bucket = s3
+    spellings = [f"s3://{bucket}/team/a", f"s3://{bucket}/team/a/", f"s3://{bucket}/./team//a"]
+    assert {parse_adapter_id(uri) for uri in spellings} == {AdapterLocation("s3", f"s3://{bucket}/team/a")}
 
 
 # --- local folders --------------------------------------------------------------------------------

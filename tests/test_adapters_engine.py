@@ -97,7 +97,8 @@ def test_hub_adapters_from_an_offline_cache_with_revisions_equal_peft(
     cases = [("org/adapter", "a"), ("org/adapter@main", "a"), ("org/adapter@v2", "b"), (f"org/adapter@{v2}", "b")]
     prompt = encode(tiny_model_dir, PROMPTS[0])
 
-    with running_engine(tiny_model_dir) as engine:
+    with running_engine(tiny_model_dir, download_dir=str(hub_env.parent / "downloads")) as engine:
+        engine.adapters.sources.access_record.set("org/adapter", "public")  # as learned online before
         streams = [engine.submit(prompt, greedy(MAX_TOKENS), adapter(adapter_id)) for adapter_id, _ in cases]
         for (adapter_id, name), stream in zip(cases, streams):
             assert tokens(stream) == peft_greedy(tiny_model_dir, tiny_adapters[name], prompt), adapter_id
@@ -127,7 +128,7 @@ def test_s3_adapter_is_downloaded_and_equals_peft(s3_server, monkeypatch, tmp_pa
         client.put_object(Bucket=bucket, Key=f"team/c/{name}", Body=data)
     prompt = encode(tiny_model_dir, PROMPTS[1])
 
-    with running_engine(tiny_model_dir, download_dir=str(tmp_path)) as engine:
+    with running_engine(tiny_model_dir, download_dir=str(tmp_path), s3_allow=[f"s3://{bucket}/team"]) as engine:
         out = tokens(engine.submit(prompt, greedy(MAX_TOKENS), adapter(f"s3://{bucket}/team/c", adapter_source="s3")))
 
     assert out == peft_greedy(tiny_model_dir, tiny_adapters["c"], prompt)

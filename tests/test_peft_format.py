@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,52 @@ def test_non_lora_tensor_is_refused(tiny_adapters, tmp_path, base_modules):
     raw["base_model.model.lm_head.weight"] = torch.zeros(4, 4)
     save_file(raw, folder / "adapter_model.safetensors")
     assert "'base_model.model.lm_head.weight' is not a LoRA factor" in refusal(folder, base_modules)
+
+
+# --- hostile adapters --------------------------------------------------------------------------------
+
+
+def test_non_finite_weights_are_refused(tiny_adapters, tmp_path, base_modules):
+    folder = copy_adapter(tiny_adapters["a"], tmp_path)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, folder / "adapter_model.safetensors")
+    assert "NaN or infinite" in refusal(folder, base_modules)
+
+
+def test_the_issues_backtracking_rank_pattern_no_longer_stalls(tiny_adapters, tmp_path, base_modules):
+    """`(.+)+Q` froze the server for seconds per module under `re`; it matches nothing, so the adapter loads."""
+    folder = copy_adapter(tiny_adapters["a"], tmp_path)
+    edit_config(folder, rank_pattern={"(.+)+Q": 16})
+    assert load(folder, base_modules).rank == 4
+
+
+def test_catastrophic_rank_pattern_fails_its_adapter_within_the_budget(tiny_adapters, tmp_path, base_modules):
+    """A pattern that backtracks exponentially even in the `regex` engine hits the match budget: a 400."""
+    folder = copy_adapter(tiny_adapters["a"], tmp_path)
+    edit_config(folder, rank_pattern={r"(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\10\d": 16})
+    started = time.monotonic()
+    assert "took longer than" in refusal(folder, base_modules)
+    assert time.monotonic() - started < 60  # a hang guard, not a timing assertion: the budget is 1 s of matching
+
+
+def test_invalid_pattern_regex_is_refused(tiny_adapters, tmp_path, base_modules):
+    folder = copy_adapter(tiny_adapters["a"], tmp_path)
+    edit_config(folder, alpha_pattern={"q_proj(": 4})
+    assert "not a valid regex" in refusal(folder, base_modules)
+
+
+@pytest.mark.parametrize("file", ["adapter_model.safetensors", "adapter_config.json"])
+def test_file_symlinked_outside_the_root_is_never_opened(file, tiny_adapters, tmp_path, base_modules, audit_opens):
+    root = tmp_path / "root"
+    folder = copy_adapter(tiny_adapters["a"], root)
+    outside = tmp_path / "outside" / file
+    outside.parent.mkdir()
+    (folder / file).rename(outside)
+    (folder / file).symlink_to(outside)
+
+    with audit_opens() as opened:
+        with pytest.raises(AdapterValidationError, match="points outside the adapter root"):
+            load_peft_adapter(folder, "evil", base_modules, max_rank=64, target_modules=ALL_TARGETS, root=root)
+    assert not [path for path in opened if Path(path).name == file and "outside" in str(path)]

@@ -294,7 +294,7 @@ def test_malformed_json_answers_400_not_fastapis_422(server):
 def test_unknown_adapter_answers_404(client, adapter_root):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model=str(adapter_root / "no-such-adapter"), messages=HELLO, max_tokens=2)
-    assert caught.value.body["code"] == "adapter_not_found"
+    assert caught.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model=str(adapter_root / "no-such-adapter"), prompt="hi", max_tokens=2)
 

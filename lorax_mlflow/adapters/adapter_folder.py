@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from lorax_mlflow.adapters.confined import ConfinedFolder
+from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.adapters.medusa_format import is_medusa_key, load_medusa_heads, read_medusa_config
 from lorax_mlflow.adapters.peft_format import CONFIG_FILE, load_peft_adapter
 from lorax_mlflow.adapters.weights import LoraWeights
@@ -33,9 +35,17 @@ def load_adapter_folder(
     max_rank: int,
     target_modules: Collection[str],
     dtype: torch.dtype = torch.float32,
+    root: Path | None = None,
 ) -> LoraWeights:
-    """The adapter in `folder`: its LoRA factors (none for a Medusa-only adapter) and Medusa heads (if any)."""
+    """The adapter in `folder`: its LoRA factors (none for a Medusa-only adapter) and Medusa heads (if any).
+
+    Nothing is opened unless every entry of the folder resolves under `root` (default: the folder).
+    """
     folder = Path(folder)
+    try:
+        ConfinedFolder(folder, root).check_entries()
+    except LoraxError as error:
+        raise AdapterValidationError(f"adapter {name!r}: {error.message}", param=error.param) from error
     medusa_config = read_medusa_config(folder, name)
     has_lora = (folder / CONFIG_FILE).is_file()
     if medusa_config is None and not has_lora:
@@ -44,7 +54,7 @@ def load_adapter_folder(
         )
     if medusa_config is None:
         return load_peft_adapter(
-            folder, name, base.modules, max_rank=max_rank, target_modules=target_modules, dtype=dtype
+            folder, name, base.modules, max_rank=max_rank, target_modules=target_modules, dtype=dtype, root=root
         )
     if base.hidden_size is None or base.vocab_size is None:
         raise AdapterValidationError(f"adapter {name!r} carries Medusa heads, which this engine does not serve")
@@ -58,7 +68,7 @@ def load_adapter_folder(
         )
     weights = load_peft_adapter(
         folder, name, base.modules, max_rank=max_rank, target_modules=target_modules, dtype=dtype,
-        other_reader_keys=is_medusa_key,
+        other_reader_keys=is_medusa_key, root=root,
     )
     weights.medusa = medusa
     return weights

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from lorax_mlflow.errors import AdapterValidationError
+from lorax_mlflow.adapters.confined import ConfinedFolder
+from lorax_mlflow.errors import AdapterValidationError, LoraxError
 
 IDENTITY_FILE = "lorax_adapter.json"
 
@@ -27,20 +28,22 @@ def write_base_identity(folder: Path, base_model: str) -> Path:
     return path
 
 
-def recorded_base(folder: Path) -> str | None:
-    path = Path(folder) / IDENTITY_FILE
-    if not path.is_file():
-        return None
+def recorded_base(folder: Path, root: Path | None = None) -> str | None:
+    files = ConfinedFolder(Path(folder), root)
     try:
-        base = json.loads(path.read_text(encoding="utf-8")).get("base_model")
+        if not files.is_file(IDENTITY_FILE):
+            return None
+        base = json.loads(files.read_bytes(IDENTITY_FILE, 1 << 20).decode("utf-8")).get("base_model")
+    except LoraxError as exc:
+        raise AdapterValidationError(f"{IDENTITY_FILE}: {exc.message}") from exc
     except (OSError, ValueError, AttributeError) as exc:
         raise AdapterValidationError(f"{IDENTITY_FILE} is not valid JSON ({exc})") from exc
     return base if isinstance(base, str) and base else None
 
 
-def check_base_model(folder: Path, adapter_name: str, served_base: str) -> None:
+def check_base_model(folder: Path, adapter_name: str, served_base: str, root: Path | None = None) -> None:
     """Raise unless the adapter in `folder` was recorded for `served_base` (or records nothing)."""
-    base = recorded_base(folder)
+    base = recorded_base(folder, root)
     if base is not None and base_key(base) != base_key(served_base):
         raise AdapterValidationError(
             f"adapter {adapter_name!r} was trained for base model {base!r}; this server serves {served_base!r}",

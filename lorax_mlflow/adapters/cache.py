@@ -106,6 +106,8 @@ class AdapterCache:
         """cache key -> the adapter id its stats are counted under."""
         self._runtime_names: dict[str, AdapterRequest] = {}
         """Names added while serving (`add_name`) -> the adapter id and source they stand for."""
+        self._failed: set[str] = set()
+        """Keys whose last load failed: not listed as models until a load succeeds."""
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
         slots.on_evict = self._record_slot_eviction
@@ -151,10 +153,13 @@ class AdapterCache:
             future.result(timeout=timeout)
 
     def known_adapter_ids(self) -> list[str]:
+        """Packaged adapters and fetched ones (by canonical id), leaving out those that failed to load."""
         with self._lock:
-            fetched = [key.split(":", 1)[1] for key in self._folders if not key.startswith("name:")]
+            failed = set(self._failed)
+            fetched = [key.split(":", 1)[1] for key in self._folders if not key.startswith("name:") and key not in failed]
             runtime = list(self._runtime_names)
-        return sorted({*self.named, *runtime, *fetched})
+        named = [name for name in self.named if f"name:{name}" not in failed]
+        return sorted({*named, *runtime, *fetched})
 
     def add_name(self, name: str, adapter_id: str, adapter_source: str | None = None) -> None:
         """Serve the adapter `adapter_id` (any source) as `name` from now on, once it has loaded.
@@ -208,20 +213,38 @@ class AdapterCache:
             with self._lock:
                 self._key_ids[key] = request.adapter_id
             return key, self.named[request.adapter_id]
-        location = self.sources.pin(parse_adapter_id(request.adapter_id, request.adapter_source))
+        try:
+            location = self.sources.pin(parse_adapter_id(request.adapter_id, request.adapter_source))
+        except AdapterNotFoundError as error:
+            raise self._not_found(request.adapter_id, error) from error
         key = self._key(location)
-        self.sources.check_access(location, request.api_token)
+        try:
+            self.sources.check_access(location, request.api_token)
+        except AdapterNotFoundError as error:
+            raise self._not_found(request.adapter_id, error) from error
         with self._lock:
             fetch_lock = self._fetch_locks.setdefault(key, threading.Lock())
         with fetch_lock:  # concurrent first requests share one download
             with self._lock:
                 folder = self._folders.get(key)
             if folder is None:
-                folder = self.sources.fetch(location, request.api_token)
+                try:
+                    folder = self.sources.fetch(location, request.api_token)
+                except AdapterNotFoundError as error:
+                    raise self._not_found(request.adapter_id, error) from error
         with self._lock:
             self._folders[key] = folder
-            self._key_ids[key] = request.adapter_id
+            self._key_ids.setdefault(key, key.split(":", 1)[1])
         return key, folder
+
+    def _not_found(self, adapter_id: str, error: AdapterNotFoundError) -> AdapterNotFoundError:
+        """The 404 for an unknown model id, saying everywhere it was looked for."""
+        named = ", ".join(sorted(self.named)) or "none"
+        return AdapterNotFoundError(
+            f"The model {adapter_id!r} does not exist: it is not the base model ({self.base_model_name!r}) "
+            f"nor one of its packaged adapters ({named}), and {error.message}",
+            param="model",
+        )
 
     @staticmethod
     def _key(location: AdapterLocation) -> str:
@@ -237,9 +260,11 @@ class AdapterCache:
 
     def _load_folder(self, key: str, folder: Path, name: str) -> LoraWeights:
         with self._timed_load(key):
-            check_base_model(folder, name, self.base_model_name)
+            root = self.sources.root_for(folder)
+            check_base_model(folder, name, self.base_model_name, root=root)
             return load_adapter_folder(
-                folder, name, self.base, max_rank=self.max_rank, target_modules=self.target_modules, dtype=self.dtype
+                folder, name, self.base, max_rank=self.max_rank, target_modules=self.target_modules, dtype=self.dtype,
+                root=root,
             )
 
     def _load_merged(self, key: str, spec: MergeSpec, parts: list[tuple[str, str, Path]]) -> LoraWeights:
@@ -266,9 +291,11 @@ class AdapterCache:
         except BaseException:
             with self._lock:
                 self._stats_for(key).load_failures += 1
+                self._failed.add(key)
             raise
         seconds = time.perf_counter() - started
         with self._lock:
+            self._failed.discard(key)
             stats = self._stats_for(key)
             stats.loads += 1
             stats.load_seconds += seconds

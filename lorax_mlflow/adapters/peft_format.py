@@ -2,22 +2,29 @@
 
 Everything that makes an adapter unusable with this base model or this LoRA-only engine is an
 `AdapterValidationError` naming the adapter and the cause, so a bad adapter fails its own request
-and never the engine.
+and never the engine. That includes hostile adapters: files that resolve outside the adapter's
+root are never opened, non-finite weights are refused, and `rank_pattern` / `alpha_pattern`
+regexes run with a time budget (and without holding the GIL), so a catastrophically
+backtracking pattern fails its adapter instead of freezing the server.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 
+from lorax_mlflow.adapters.confined import ConfinedFolder
 from lorax_mlflow.adapters.weights import LoraWeights
-from lorax_mlflow.errors import AdapterValidationError
+from lorax_mlflow.errors import AdapterValidationError, LoraxError
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -26,6 +33,11 @@ PICKLE_FILE = "adapter_model.bin"
 # `<module path>.lora_A.weight` or, with an adapter name segment, `<module path>.lora_B.default.weight`.
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 _PEFT_PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PATTERNS = 4096
+MAX_PATTERN_CHARS = 1024
+PATTERN_MATCH_BUDGET_S = 1.0
+"""Total regex time one adapter's rank/alpha patterns may take; one match may take at most all of it."""
 
 # Adapter-config features whose forward pass is more than `x @ A.T @ B.T`: serving them with a
 # LoRA-only engine would silently give different outputs, so they are refused.
@@ -49,6 +61,7 @@ def load_peft_adapter(
     target_modules: Collection[str],
     dtype: torch.dtype = torch.float32,
     other_reader_keys: Callable[[str], bool] | None = None,
+    root: Path | None = None,
 ) -> LoraWeights:
     """Load the PEFT adapter in `folder` with its scaling folded into B.
 
@@ -56,26 +69,38 @@ def load_peft_adapter(
     ``model.layers.0.self_attn.q_proj``) to its ``(in_features, out_features)``;
     `target_modules` are the short module names the engine can serve. Tensors for which
     `other_reader_keys` is true belong to another reader (Medusa heads saved beside the factors).
+    Every file read must resolve under `root` (default: the folder itself).
     """
     folder = Path(folder)
-    config = _read_config(folder, name)
-    tensors = _read_tensors(folder, name)
+    try:
+        files = ConfinedFolder(folder, root)
+        config = _read_config(files, name)
+        tensors = _read_tensors(files, name)
+    except AdapterValidationError:
+        raise
+    except LoraxError as error:  # a file outside the root, or too large
+        raise AdapterValidationError(f"adapter {name!r}: {error.message}") from error
     if other_reader_keys is not None:
         tensors = {key: tensor for key, tensor in tensors.items() if not other_reader_keys(key)}
     factors = _group_factors(tensors, name)
 
-    r_default = int(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", r_default))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    r_default = _config_number(config, "r", 8, int, name)
+    alpha_default = _config_number(config, "lora_alpha", r_default, float, name)
+    rank_pattern = _patterns(config, "rank_pattern", int, name)
+    alpha_pattern = _patterns(config, "alpha_pattern", float, name)
     use_rslora = bool(config.get("use_rslora", False))
+    matcher = _PatternMatcher(name)
 
     a_by_module: dict[str, torch.Tensor] = {}
     b_by_module: dict[str, torch.Tensor] = {}
     for module, (lora_a, lora_b) in sorted(factors.items()):
         _check_module(name, module, lora_a, lora_b, base_modules, target_modules, max_rank)
-        rank = int(rank_pattern.get(_pattern_key(rank_pattern, module), r_default))
-        alpha = float(alpha_pattern.get(_pattern_key(alpha_pattern, module), alpha_default))
+        rank_key = matcher.key(rank_pattern, module)
+        alpha_key = matcher.key(alpha_pattern, module)
+        rank = rank_pattern[rank_key] if rank_key is not None else r_default
+        alpha = alpha_pattern[alpha_key] if alpha_key is not None else alpha_default
+        if rank <= 0:
+            raise AdapterValidationError(f"adapter {name!r}: {module} has rank {rank} in adapter_config.json")
         if lora_a.shape[0] != rank:
             raise AdapterValidationError(
                 f"adapter {name!r}: {module} has rank {lora_a.shape[0]} but adapter_config.json says r={rank}"
@@ -95,13 +120,30 @@ def load_peft_adapter(
     )
 
 
-def _read_config(folder: Path, name: str) -> dict[str, Any]:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterValidationError(f"adapter {name!r}: no {CONFIG_FILE} in {folder}")
+def _config_number(config: Mapping[str, Any], field: str, default: Any, kind: type, name: str) -> Any:
+    value = config.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterValidationError(f"adapter {name!r}: {field} in {CONFIG_FILE} must be a number, got {value!r}")
+    return kind(value)
+
+
+def _patterns(config: Mapping[str, Any], field: str, kind: type, name: str) -> dict[str, Any]:
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterValidationError(f"adapter {name!r}: {field} in {CONFIG_FILE} must be an object")
+    if len(patterns) > MAX_PATTERNS or any(len(key) > MAX_PATTERN_CHARS for key in patterns):
+        raise AdapterValidationError(
+            f"adapter {name!r}: {field} holds more than {MAX_PATTERNS} patterns or one over {MAX_PATTERN_CHARS} characters"
+        )
+    return {key: _config_number(patterns, key, None, kind, name) for key in patterns}
+
+
+def _read_config(files: ConfinedFolder, name: str) -> dict[str, Any]:
+    if not files.is_file(CONFIG_FILE):
+        raise AdapterValidationError(f"adapter {name!r}: no {CONFIG_FILE} in {files.folder}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(files.read_bytes(CONFIG_FILE, MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterValidationError(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise AdapterValidationError(f"adapter {name!r}: {CONFIG_FILE} must hold a JSON object")
@@ -124,26 +166,31 @@ def _read_config(folder: Path, name: str) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    safetensors_path = folder / SAFETENSORS_FILE
-    pickle_path = folder / PICKLE_FILE
+def _read_tensors(files: ConfinedFolder, name: str) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, read from bytes opened inside the root; all must be finite."""
     try:
-        if safetensors_path.is_file():
-            from safetensors.torch import load_file
+        if files.is_file(SAFETENSORS_FILE):
+            from safetensors.torch import load
 
-            tensors = load_file(safetensors_path, device="cpu")
-        elif pickle_path.is_file():
-            tensors = torch.load(pickle_path, weights_only=True, map_location="cpu")
+            tensors = load(files.read_bytes(SAFETENSORS_FILE))
+        elif files.is_file(PICKLE_FILE):
+            data = io.BytesIO(files.read_bytes(PICKLE_FILE))
+            tensors = torch.load(data, weights_only=True, map_location="cpu")
         else:
-            raise AdapterValidationError(f"adapter {name!r}: no {SAFETENSORS_FILE} or {PICKLE_FILE} in {folder}")
-    except AdapterValidationError:
+            raise AdapterValidationError(
+                f"adapter {name!r}: no {SAFETENSORS_FILE} or {PICKLE_FILE} in {files.folder}"
+            )
+    except LoraxError:
         raise
     except Exception as exc:  # safetensors, pickle and zip readers each raise their own types
         raise AdapterValidationError(
-            f"adapter {name!r}: could not read its weights in {folder} (corrupt or truncated file?): {exc}"
+            f"adapter {name!r}: could not read its weights in {files.folder} (corrupt or truncated file?): {exc}"
         ) from exc
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise AdapterValidationError(f"adapter {name!r}: weights file does not hold a name -> tensor mapping")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterValidationError(f"adapter {name!r}: tensor {key!r} holds NaN or infinite values")
     return tensors
 
 
@@ -210,9 +257,48 @@ def _check_module(
         )
 
 
-def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """The rank_pattern/alpha_pattern key that applies to `module`, matched the way PEFT does."""
-    for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return pattern
-    return None
+class _PatternMatcher:
+    """Matches rank_pattern/alpha_pattern keys against module paths the way PEFT does (the key
+    matching a dotted suffix of the module path), with one time budget for the whole adapter.
+
+    The `regex` engine runs each match with a timeout and releases the GIL while matching, so a
+    pattern that backtracks catastrophically fails its adapter (400) within the budget and the
+    server's other threads (the event loop, the engine) keep running meanwhile.
+    """
+
+    def __init__(self, name: str, budget_s: float = PATTERN_MATCH_BUDGET_S) -> None:
+        self.name = name
+        self.deadline = time.monotonic() + budget_s
+        self._compiled: dict[str, Any] = {}
+
+    def key(self, patterns: Mapping[str, Any], module: str) -> str | None:
+        """The first key of `patterns` that matches `module` (an exact key wins without a regex)."""
+        for pattern in patterns:
+            if pattern == module:
+                return pattern
+        for pattern in patterns:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise self._too_slow(pattern)
+            try:
+                if self._compile(pattern).match(module, timeout=left, concurrent=True):
+                    return pattern
+            except TimeoutError as error:
+                raise self._too_slow(pattern) from error
+        return None
+
+    def _compile(self, pattern: str) -> Any:
+        if pattern not in self._compiled:
+            try:
+                self._compiled[pattern] = regex.compile(rf"(.*\.)?({pattern})$")
+            except (regex.error, RecursionError, OverflowError) as error:
+                raise AdapterValidationError(
+                    f"adapter {self.name!r}: rank/alpha pattern {pattern!r} is not a valid regex: {error}"
+                ) from error
+        return self._compiled[pattern]
+
+    def _too_slow(self, pattern: str) -> AdapterValidationError:
+        return AdapterValidationError(
+            f"adapter {self.name!r}: matching rank/alpha pattern {pattern[:80]!r} against the module names "
+            f"took longer than {PATTERN_MATCH_BUDGET_S:g} s (a catastrophically backtracking regex?)"
+        )

@@ -64,6 +64,18 @@ class EngineConfig:
     else torch's default. OpenMP regions started from a non-main thread pay a large per-region
     cost, which hurts the many small LoRA ops of a decode step; on a 2-core CPU one thread was
     measured 60% faster for mixed-adapter decoding and 6% slower base-only (benchmarks/RESULTS.md)."""
+    s3_allow: list[str] = field(default_factory=list)
+    """``s3://bucket/prefix`` entries that S3 adapter ids must lie under; empty = S3 adapters are off."""
+    max_adapter_bytes: int = 4 << 30
+    """Largest adapter (all its files) that one download (S3, MLflow) may fetch."""
+    verified_token_ttl_s: float = 600.0
+    """How long a token the hub accepted for a private adapter (or a repo found public) is trusted."""
+    trust_request_chat_template: bool = False
+    """Whether requests may carry their own `chat_template` (rendered sandboxed, with budgets)."""
+    max_prompts_per_request: int = 128
+    """Most prompts in one completions request."""
+    max_sequences_per_request: int = 256
+    """Most sequences one request may start: prompts x max(n, best_of)."""
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -74,6 +86,7 @@ class EngineConfig:
             raise ValueError("prefill_chunk_tokens must be at least 1")
         if self.prefill_chunk_cost_ratio <= 0:
             raise ValueError("prefill_chunk_cost_ratio must be positive")
+        self.s3_allow = [str(entry) for entry in self.s3_allow]
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -126,11 +139,13 @@ class EngineConfig:
             current = getattr(self, f.name)
             if isinstance(current, (list, tuple)):
                 updates[f.name] = [part for part in raw.split(os.pathsep if f.name == "adapter_roots" else ",") if part]
+            elif isinstance(current, bool):
+                updates[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(current, float):
+                updates[f.name] = float(raw)
             elif f.name in ("max_model_len", "kv_cache_bytes", "num_threads", "prefill_chunk_tokens", "max_loras",
                             "lora_slots_bytes") or isinstance(current, int):
                 updates[f.name] = int(raw)
-            elif isinstance(current, float):
-                updates[f.name] = float(raw)
             else:
                 updates[f.name] = raw
         return EngineConfig(**{**asdict(self), **updates}) if updates else self

@@ -72,7 +72,10 @@ class LLMEngine:
             self.runner.base_modules,
             base_model_name=self.base_model_name,
             named_adapters=named_adapters or {},
-            sources=AdapterSources(self.config.adapter_roots, download_dir),
+            sources=AdapterSources(
+                self.config.adapter_roots, download_dir, s3_allow=self.config.s3_allow,
+                max_adapter_bytes=self.config.max_adapter_bytes, verified_token_ttl_s=self.config.verified_token_ttl_s,
+            ),
             max_rank=self.config.max_lora_rank,
             target_modules=self.config.target_modules,
             host_cache_bytes=self.config.host_cache_bytes,
