@@ -188,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lorax_mlflow.redact import install_log_redaction
+
+    install_log_redaction()
     return serve(args)
 
 

@@ -7,6 +7,8 @@ routes to ``{"error", "error_type"}``, MLflow to an ``MlflowException``.
 
 from __future__ import annotations
 
+from lorax_mlflow.redact import redact_text
+
 
 class LoraxError(Exception):
     """Base class: a request-level failure with an HTTP status and OpenAI error fields."""
@@ -16,6 +18,7 @@ class LoraxError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        message = redact_text(message)  # an error message never carries a secret to a client or a log
         super().__init__(message)
         self.message = message
         self.param = param
@@ -62,3 +65,15 @@ class EngineUnavailableError(LoraxError):
     status = 503
     type = "service_unavailable"
     code = "engine_unavailable"
+
+
+def require_valid_text(text: str, param: str) -> str:
+    """`text` if it is valid Unicode; a lone surrogate (``"\\ud800"`` is legal JSON) is a 400 naming `param`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(
+            f"{param} contains an unpaired surrogate (\\u{ord(text[error.start]):04x} at {error.start}): "
+            "it is not valid Unicode text", param=param,
+        ) from error
+    return text

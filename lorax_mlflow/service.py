@@ -18,7 +18,7 @@ from lorax_mlflow.engine.llm_engine import LLMEngine
 from lorax_mlflow.engine.outputs import CompletionOutput, RequestOutput
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.engine.stream import RequestStream
-from lorax_mlflow.errors import InvalidRequestError, LoraxError
+from lorax_mlflow.errors import InvalidRequestError, LoraxError, require_valid_text
 from lorax_mlflow.tools.hermes import forced_call_constraint
 from lorax_mlflow.tools.spec import ToolRequest, parse_tools
 from lorax_mlflow.translate import adapter_request, beam_search_params, sampling_params
@@ -44,7 +44,8 @@ class PreparedRequest:
 class LoraxService:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.templates = ChatTemplates(engine.tokenizer)
+        self.templates = ChatTemplates(engine.tokenizer,
+                                       trust_request_templates=engine.config.trust_request_chat_template)
 
     @property
     def base_model_name(self) -> str:
@@ -86,11 +87,13 @@ class LoraxService:
         self, body: Mapping[str, Any], *, model_field: str | None = None, bearer_token: str | None = None
     ) -> list[PreparedRequest]:
         """One prepared request per prompt (str, list of str, token ids, or list of token id lists)."""
+        prompts = _prompts(body.get("prompt"))
+        self._check_request_size(prompts, body)
         adapter = self._adapter(body, model_field, bearer_token)
         tokenizer = self.templates.tokenizer_for(adapter.folder)
         prepared = []
-        for prompt in _prompts(body.get("prompt")):
-            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        for prompt in prompts:
+            ids = tokenizer.encode(require_valid_text(prompt, "prompt")) if isinstance(prompt, str) else prompt
             params = sampling_params(body, prompt_len=len(ids), max_model_len=self.engine.max_model_len, completions=True)
             beam = beam_search_params(body, params)
             text = None
@@ -100,12 +103,27 @@ class LoraxService:
                                             prompt_text=text, beam=beam))
         return prepared
 
+    def _check_request_size(self, prompts: list, body: Mapping[str, Any]) -> None:
+        """Caps on prompts per request and on the sequences they start (prompts x max(n, best_of))."""
+        config = self.engine.config
+        if len(prompts) > config.max_prompts_per_request:
+            raise InvalidRequestError(
+                f"prompt: at most {config.max_prompts_per_request} prompts per request, got {len(prompts)}",
+                param="prompt",
+            )
+        per_prompt = max(_small_int(body.get("n")), _small_int(body.get("best_of")))
+        if len(prompts) * per_prompt > config.max_sequences_per_request:
+            raise InvalidRequestError(
+                f"n: {len(prompts)} prompts x {per_prompt} sequences each is above this server's limit of "
+                f"{config.max_sequences_per_request} sequences per request", param="n",
+            )
+
     def prepare_generate(self, inputs: str, parameters: SamplingParams, body: Mapping[str, Any],
                          bearer_token: str | None = None) -> PreparedRequest:
         """LoRAX /generate: raw text prompt, parameters already mapped to SamplingParams."""
         adapter = self._adapter(body, None, bearer_token)
         tokenizer = self.templates.tokenizer_for(adapter.folder)
-        return PreparedRequest(tokenizer.encode(inputs), parameters, adapter, model=adapter.adapter_id or self.base_model_name)
+        return PreparedRequest(tokenizer.encode(require_valid_text(inputs, "inputs")), parameters, adapter, model=adapter.adapter_id or self.base_model_name)
 
     def submit(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
         if prepared.beam is not None:
@@ -158,6 +176,11 @@ class LoraxService:
                                             delta_token_ids=beam.token_ids))
         return RequestOutput(request_id, prepared.prompt_token_ids, outputs, finished=True,
                              adapter_id=prepared.adapter.adapter_id or None)
+
+
+def _small_int(value: Any) -> int:
+    """An n / best_of value for the size check (validated for real later): 1 when absent or not an int."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:

@@ -33,6 +33,7 @@ from mlflow.tracing.constant import SpanAttributeKey, TokenUsageKey
 from mlflow.tracing.provider import is_tracing_enabled
 
 from lorax_mlflow.engine.outputs import RequestOutput
+from lorax_mlflow.redact import redact, redact_text
 
 ENV_VAR = "LORAX_MLFLOW_TRACING"
 ROOT_SPAN = "lorax.chat"
@@ -72,7 +73,7 @@ class _MlflowRequestTrace(RequestTrace):
             ROOT_SPAN,
             span_type=SpanType.CHAT_MODEL,
             parent_span=mlflow.get_current_active_span(),
-            inputs=inputs,
+            inputs=redact(inputs),  # api_token, Authorization, AWS keys never reach a trace
             attributes={"method": name},
         )
         self._last_end_ns = self._root.start_time_ns
@@ -83,7 +84,7 @@ class _MlflowRequestTrace(RequestTrace):
         try:
             yield
         except BaseException as error:
-            span.record_exception(error)
+            span.record_exception(_redacted_error(error))
             span.end(status="ERROR")
             raise
         span.end()
@@ -108,7 +109,7 @@ class _MlflowRequestTrace(RequestTrace):
         )
 
     def fail(self, error: BaseException) -> None:
-        self._root.record_exception(error if isinstance(error, Exception) else repr(error))
+        self._root.record_exception(_redacted_error(error))
         self._root.end(status="ERROR")
 
     def _phase_spans(self, output: RequestOutput) -> None:
@@ -130,6 +131,10 @@ class _MlflowRequestTrace(RequestTrace):
             )
             span.end(end_time_ns=end_ns)
             self._last_end_ns = end_ns
+
+
+def _redacted_error(error: BaseException) -> str:
+    return redact_text(f"{type(error).__name__}: {error}")
 
 
 def _reply_of(output: RequestOutput) -> dict[str, Any]:

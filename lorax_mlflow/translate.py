@@ -3,6 +3,7 @@ so chat and completions behave the same everywhere."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ from lorax_mlflow.adapters.merge import MergeSpec
 from lorax_mlflow.beam_search import BeamSearchParams
 from lorax_mlflow.adapters.sources import ADAPTER_SOURCES
 from lorax_mlflow.engine.sampling_params import SamplingParams
-from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.errors import InvalidRequestError, require_valid_text
 from lorax_mlflow.structured.request import parse_structured_output
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
@@ -21,9 +22,15 @@ _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tok
 
 
 def _number(body: Mapping[str, Any], name: str, kind: type) -> Any:
+    """The field as `kind`; huge integers (10**400 is valid JSON) and NaN / infinity are 400s, never crashes."""
     value = body[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise InvalidRequestError(f"{name} must be {'an integer' if kind is int else 'a number'}", param=name)
+    wanted = "an integer" if kind is int else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be {wanted}", param=name)
+    if isinstance(value, float) and not (math.isfinite(value) and (kind is float or value.is_integer())):
+        raise InvalidRequestError(f"{name} must be {wanted}", param=name)
+    if kind is float and isinstance(value, int) and abs(value) > 2**63:
+        raise InvalidRequestError(f"{name} is out of range", param=name)
     return kind(value)
 
 
@@ -58,7 +65,7 @@ def sampling_params(
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
-        kwargs["stop"] = stop
+        kwargs["stop"] = [require_valid_text(s, "stop") for s in stop]
     if _present(body, "stop_token_ids"):
         ids = body["stop_token_ids"]
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -70,7 +77,7 @@ def sampling_params(
             raise InvalidRequestError("logit_bias must map token ids to biases", param="logit_bias")
         try:
             kwargs["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:
             raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from error
     _logprobs(body, kwargs, completions)
     kwargs["structured_output"] = parse_structured_output(body)

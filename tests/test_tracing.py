@@ -94,6 +94,17 @@ def test_predict_is_one_trace_with_template_queue_prefill_and_decode_spans(model
     assert trace.info.state == TraceState.OK
 
 
+def test_secrets_never_reach_a_trace(model, traced):
+    """`api_token` from custom_inputs used to land in the trace inputs in plain text."""
+    request = chat("hi")
+    request["custom_inputs"]["api_token"] = "hf_secretsecretsecret"
+    model.predict(request)
+    trace = last_trace()
+    assert "hf_secretsecretsecret" not in trace.to_json()
+    root, _ = root_and_children(trace)
+    assert root.inputs["api_token"] == "[REDACTED]"
+
+
 def test_predict_stream_is_traced_with_the_streamed_reply_as_outputs(model, traced):
     chunks = list(model.predict_stream(chat("Count to five", max_tokens=8)))
     streamed = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)

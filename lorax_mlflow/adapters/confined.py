@@ -18,6 +18,9 @@ from lorax_mlflow.errors import InvalidRequestError
 class OutsideRootError(InvalidRequestError):
     """A path (or a file in an adapter folder) resolves outside the configured root."""
 
+    def __init__(self, message: str, *, param: str | None = "adapter_id", code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+
 
 def resolve_path(path: Path, *, param: str = "adapter_id") -> Path:
     """`path` with symlinks and ``..`` resolved; any OS-level refusal (a symlink loop, a NUL byte,

@@ -1,4 +1,9 @@
-"""Chat-template resolution and rendering: the adapter's own template > the base model's > error."""
+"""Chat-template resolution and rendering: the adapter's own template > the base model's > error.
+
+Every template (the base model's, an adapter's from the hub, a request's) renders in the
+budgeted sandbox of `lorax_mlflow.chat.sandbox`; a request may bring its own template only
+when the operator allows it (`trust_request_chat_template`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.adapters.confined import ConfinedFolder
+from lorax_mlflow.chat.sandbox import DEFAULT_MAX_SECONDS, compile_template
+from lorax_mlflow.errors import InvalidRequestError, require_valid_text
 from lorax_mlflow.tools.prompt import fallback_messages, native_messages, renders_hermes_tools
 from lorax_mlflow.tools.spec import ToolRequest
 
@@ -26,8 +33,16 @@ def _has_tokenizer(folder: Path) -> bool:
 class ChatTemplates:
     """Renders messages to prompt token ids with the right tokenizer for an adapter."""
 
-    def __init__(self, base_tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        base_tokenizer: PreTrainedTokenizerBase,
+        *,
+        trust_request_templates: bool = False,
+        max_render_seconds: float = DEFAULT_MAX_SECONDS,
+    ) -> None:
         self.base = base_tokenizer
+        self.trust_request_templates = trust_request_templates
+        self.max_render_seconds = max_render_seconds
         self._adapter_tokenizers: dict[Path, PreTrainedTokenizerBase | None] = {}
         self._lock = threading.Lock()
 
@@ -39,6 +54,7 @@ class ChatTemplates:
             if adapter_folder not in self._adapter_tokenizers:
                 tokenizer = None
                 if _has_tokenizer(adapter_folder):
+                    ConfinedFolder(adapter_folder).check_entries()  # no tokenizer file may point elsewhere
                     tokenizer = AutoTokenizer.from_pretrained(adapter_folder)
                     if not tokenizer.chat_template:
                         tokenizer = None
@@ -59,8 +75,19 @@ class ChatTemplates:
     ) -> list[int]:
         """Prompt token ids. `tools` (and tool turns in the history) go through the template when it
         renders Hermes tool calls itself, else through the fallback format of tools/prompt.py."""
+        if chat_template is not None and not self.trust_request_templates:
+            raise InvalidRequestError(
+                "chat_template: this server does not accept per-request chat templates (the operator can "
+                "allow them with --trust-request-chat-template)", param="chat_template",
+            )
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise InvalidRequestError("chat_template must be a string", param="chat_template")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise InvalidRequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
         tokenizer = self.tokenizer_for(adapter_folder)
         template = chat_template or tokenizer.chat_template
+        if isinstance(template, dict):  # tokenizers with several named templates: the default one
+            template = template.get("default")
         if not template:
             raise InvalidRequestError(
                 "model has no chat template: pass `chat_template`, or use the completions API", param="messages"
@@ -75,16 +102,16 @@ class ChatTemplates:
                 kwargs["tools"] = [f.to_openai() for f in tools.functions]
         else:
             normalized = fallback_messages(normalized, tools)
+        # The variables transformers' apply_chat_template gives a template, rendered in the budgeted sandbox.
+        variables = {**tokenizer.special_tokens_map, **kwargs, "messages": normalized, "tools": kwargs.get("tools"),
+                     "documents": None, "add_generation_prompt": bool(add_generation_prompt)}
         try:
-            rendered = tokenizer.apply_chat_template(
-                normalized,
-                chat_template=template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=False,
-                **kwargs,
-            )
-        except Exception as error:  # a Jinja error in a user-supplied template is the caller's mistake
-            raise InvalidRequestError(f"chat template failed to render: {error}", param="chat_template") from error
+            compiled = compile_template(template)
+            rendered = compiled.environment.render(compiled, variables, self.max_render_seconds)
+        except Exception as error:  # a broken or over-budget template fails this request only (RecursionError too)
+            param = "chat_template" if chat_template is not None else "messages"
+            raise InvalidRequestError(f"chat template failed to render: {type(error).__name__}: {error}",
+                                      param=param) from error
         # The template already wrote the special tokens it wants (e.g. <|im_start|>).
         return tokenizer.encode(rendered, add_special_tokens=False)
 
@@ -137,9 +164,12 @@ def normalize_message(message: Any, index: int) -> dict[str, Any]:
         content = ""
     elif not isinstance(content, str):
         raise InvalidRequestError(f"messages[{index}].content must be a string or text parts", param="messages")
-    normalized: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+    normalized: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                  "content": require_valid_text(content, f"messages[{index}].content")}
     if message.get("name"):
-        normalized["name"] = message["name"]
+        if not isinstance(message["name"], str):
+            raise InvalidRequestError(f"messages[{index}].name must be a string", param=f"messages[{index}].name")
+        normalized["name"] = require_valid_text(message["name"], f"messages[{index}].name")
     if role == "assistant" and message.get("tool_calls"):
         normalized["tool_calls"] = _tool_calls(message["tool_calls"], index)
     if role == "tool" and message.get("tool_call_id") is not None:

@@ -171,6 +171,10 @@ class LLMEngine:
     def _check_length(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = min(len(self.tokenizer), self.runner.vocab_size)
+        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:  # an id outside the vocabulary would make the step's embedding lookup raise
+            raise InvalidRequestError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         total = len(prompt) + params.max_tokens
         if len(prompt) >= self.max_model_len or total > self.max_model_len:
             raise ContextLengthError(

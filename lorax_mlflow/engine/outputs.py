@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MIN_LOGPROB = -9999.0
+"""What a logprob of -inf (or NaN) is reported as: JSON has no infinities (vLLM's convention)."""
+
+
+def json_safe_logprob(value: float) -> float:
+    """`value` when finite, else MIN_LOGPROB (log-probabilities are never above 0)."""
+    return value if math.isfinite(value) else MIN_LOGPROB
 
 
 @dataclass
@@ -11,6 +20,11 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
     """Top alternatives (token id, logprob), most likely first."""
+
+    def __post_init__(self) -> None:
+        # Non-finite values (a masked token, an overflowing fp16 model) must never reach JSON.
+        self.logprob = json_safe_logprob(self.logprob)
+        self.top = [(token_id, json_safe_logprob(logprob)) for token_id, logprob in self.top]
 
 
 @dataclass

@@ -88,7 +88,8 @@ class SamplingParams:
             )
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
         if self.seed is not None:
-            _check(isinstance(self.seed, int), "seed", "must be an integer")
+            _check(isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64, "seed",
+                   "must be an integer in [-2^63, 2^64)")
         for bias in self.logit_bias.values():
             _check(-100.0 <= bias <= 100.0, "logit_bias", "biases must be in [-100, 100]")
         if vocab_size is not None:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lorax_mlflow import __version__
 from lorax_mlflow.server.adapter_admin import adapter_admin_router
+from lorax_mlflow.server.body_limit import BodyLimitMiddleware, resolve_max_request_bytes
 from lorax_mlflow.server.errors import install_error_handlers
 from lorax_mlflow.server.lorax_routes import lorax_router
 from lorax_mlflow.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -17,11 +18,14 @@ from lorax_mlflow.server.model_source import ModelHolder, ModelSource
 from lorax_mlflow.server.openai_routes import openai_router
 
 
-def create_app(source: ModelSource, *, admin_token: str | None = None) -> FastAPI:
+def create_app(source: ModelSource, *, admin_token: str | None = None, max_request_bytes: int | None = None) -> FastAPI:
     """An app serving `source`: a LoraxService, a ServedModel, or a loader returning a ServedModel.
 
     A loader runs in a background thread once the app starts; until it returns, /health and every
     other route answer 503. `admin_token` enables runtime adapter management (`adapter_admin`).
+    Request bodies over `max_request_bytes` (default: ``LORAX_MAX_REQUEST_BYTES``, else 4 MiB) get a
+    413 before they are read further or parsed: a declared Content-Length over it is refused before
+    the first byte, a chunked body as soon as it passes the limit.
     """
     holder = ModelHolder(source)
     metrics = ServerMetrics(lambda: holder.service if holder.ready else None)
@@ -34,6 +38,7 @@ def create_app(source: ModelSource, *, admin_token: str | None = None) -> FastAP
     app = FastAPI(title="lorax-mlflow", version=__version__, lifespan=lifespan,
                   description="Multi-LoRA serving: OpenAI-compatible, LoRAX-native and MLflow routes")
     app.state.holder = holder
+    app.add_middleware(BodyLimitMiddleware, max_bytes=resolve_max_request_bytes(max_request_bytes))
     install_error_handlers(app)
     app.include_router(openai_router(holder, metrics))
     app.include_router(lorax_router(holder, metrics))

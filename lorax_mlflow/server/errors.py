@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorax_mlflow.errors import InvalidRequestError, LoraxError
+from lorax_mlflow.redact import redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,14 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"invalid value for {param}: {first.get('msg')}", param=param)
 
 
+def http_error(exc: StarletteHTTPException) -> HTTPStatusError:
+    """An HTTP-level failure (unknown route, wrong method, body too large) as a LoraxError."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    return HTTPStatusError(str(exc.detail), status=exc.status_code,
+                           type_="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+                           code=codes.get(exc.status_code))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraxError)
     async def on_lorax_error(request: Request, exc: LoraxError) -> JSONResponse:
@@ -89,15 +98,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        not_found = exc.status_code == 404
-        error = HTTPStatusError(str(exc.detail), status=exc.status_code,
-                                type_="not_found_error" if not_found else "invalid_request_error",
-                                code="not_found" if not_found else None)
-        return error_response(request, error)
+        return error_response(request, http_error(exc))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s", request.url.path)
-        error = HTTPStatusError(f"internal server error: {exc}", status=500, type_="internal_error",
+        logger.error("unexpected error on %s: %s", request.url.path, redact_text(f"{type(exc).__name__}: {exc}"),
+                     exc_info=exc)
+        error = HTTPStatusError(f"internal server error: {type(exc).__name__}", status=500, type_="internal_error",
                                 code="internal_error")
         return error_response(request, error)

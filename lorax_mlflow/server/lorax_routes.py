@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from lorax_mlflow.engine.stream import RequestStream
 from lorax_mlflow.errors import LoraxError
-from lorax_mlflow.server.common import bearer_token, off_loop, running_loop
+from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unless_disconnected
 from lorax_mlflow.server.errors import lorax_error_body
 from lorax_mlflow.server.lorax_format import LoraxFormatter
 from lorax_mlflow.server.lorax_params import adapter_body, fit_to_prompt, generate_sampling_params
@@ -55,7 +55,7 @@ def lorax_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
     async def generate_response(body: GenerateRequest, request: Request, route: str) -> dict[str, Any]:
         record, handle, formatter = await start(body, request, route, stream=False)
         try:
-            output = await handle.aresult()
+            output = await unless_disconnected(request, handle.aresult())
         except LoraxError as error:
             record.close(error.status)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -14,6 +15,8 @@ from lorax_mlflow.service import LoraxService
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BASE_LABEL = "base"
+OTHER_LABEL = "other"
+DEFAULT_MAX_ADAPTER_LABELS = 32
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -41,7 +44,15 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, service: Callable[[], LoraxService | None]) -> None:
+    """Per-request metrics labelled by adapter. The label values are bounded: the first
+    `max_adapter_labels` adapters seen keep their own label, every later one counts as "other", so
+    a client naming endless adapter ids cannot grow /metrics without bound."""
+
+    def __init__(self, service: Callable[[], LoraxService | None],
+                 max_adapter_labels: int = DEFAULT_MAX_ADAPTER_LABELS) -> None:
+        self.max_adapter_labels = max_adapter_labels
+        self._labels: set[str] = set()
+        self._labels_lock = threading.Lock()
         self.registry = CollectorRegistry()
         labels = ("route", "adapter")
         self.requests = Counter("lorax_requests", "Requests by route, adapter and HTTP status",
@@ -64,6 +75,17 @@ class ServerMetrics:
     def request(self, route: str) -> "RequestRecord":
         return RequestRecord(self, route)
 
+    def adapter_label(self, adapter: str) -> str:
+        if adapter == BASE_LABEL:
+            return adapter
+        with self._labels_lock:
+            if adapter in self._labels:
+                return adapter
+            if len(self._labels) < self.max_adapter_labels:
+                self._labels.add(adapter)
+                return adapter
+        return OTHER_LABEL
+
 
 class RequestRecord:
     """Collects one request's numbers; :meth:`close` records them once."""
@@ -77,9 +99,9 @@ class RequestRecord:
 
     def output(self, output: RequestOutput) -> None:
         """Record a finished engine request's tokens and latencies."""
-        adapter = output.adapter_id or BASE_LABEL
-        self.adapter = adapter
+        self.adapter = output.adapter_id or BASE_LABEL
         m = self._metrics
+        adapter = m.adapter_label(self.adapter)
         m.prompt_tokens.labels(adapter).inc(output.num_prompt_tokens)
         m.generation_tokens.labels(adapter).inc(output.num_completion_tokens)
         timings = output.metrics
@@ -93,5 +115,6 @@ class RequestRecord:
         if self._closed:
             return
         self._closed = True
-        self._metrics.requests.labels(self.route, self.adapter, str(status)).inc()
-        self._metrics.duration.labels(self.route, self.adapter).observe(time.perf_counter() - self.started)
+        adapter = self._metrics.adapter_label(self.adapter)
+        self._metrics.requests.labels(self.route, adapter, str(status)).inc()
+        self._metrics.duration.labels(self.route, adapter).observe(time.perf_counter() - self.started)

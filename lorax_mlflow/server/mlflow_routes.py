@@ -63,6 +63,9 @@ def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             record.close(400)
             raise InvalidRequestError(f"malformed JSON in the request body: {error}", code="invalid_json") from error
+        except RecursionError as error:
+            record.close(400)
+            raise InvalidRequestError("the request body is nested too deeply", code="invalid_json") from error
         if not isinstance(body, dict):
             record.close(400)
             raise InvalidRequestError("the request body must be a JSON object with `messages`")

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from lorax_mlflow import openai_format
 from lorax_mlflow.engine.outputs import RequestOutput
 from lorax_mlflow.errors import LoraxError
-from lorax_mlflow.server.common import bearer_token, off_loop, running_loop
+from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unless_disconnected
 from lorax_mlflow.server.completions_format import choice_index, summed_usage, text_completion
 from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
@@ -86,7 +86,7 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
                 media_type="text/event-stream", headers=SSE_HEADERS,
             )
         try:
-            (output,) = await _finals(merged(streams), 1)
+            (output,) = await unless_disconnected(request, _finals(merged(streams), 1))
         except LoraxError as error:
             record.close(error.status)
             raise
@@ -111,7 +111,7 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
                 media_type="text/event-stream", headers=SSE_HEADERS,
             )
         try:
-            finals = await _finals(merged(streams), len(streams))
+            finals = await unless_disconnected(request, _finals(merged(streams), len(streams)))
         except LoraxError as error:
             record.close(error.status)
             raise

@@ -16,6 +16,8 @@ from lorax_mlflow.errors import InvalidRequestError
 PARAM = "response_format"
 FORMAT_TYPES = ("text", "json_object", "json_schema")
 FREE_JSON_OBJECT_SCHEMA = {"type": "object"}
+MAX_SCHEMA_DEPTH = 64
+"""Deepest nesting of objects/arrays a schema may have: validators and grammar compilers recurse over it."""
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,34 @@ def load_schema(schema: Any, where: str, param: str = PARAM) -> Mapping[str, Any
     if not isinstance(schema, Mapping):
         raise _fail(f"{where} must be a JSON object, got {type(schema).__name__}", param)
     schema = dict(schema)
+    if _nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise _fail(f"{where} is nested deeper than {MAX_SCHEMA_DEPTH} levels")
     try:
         validator_for(schema).check_schema(schema)
+    except RecursionError as e:
+        raise _fail(f"{where} is nested too deeply") from e
     except SchemaError as e:
         location = "/".join(str(part) for part in e.path) or "(root)"
         raise _fail(f"{where} is not a valid JSON schema at {location}: {e.message}", param) from e
     return schema
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deeply dicts and lists nest in `value` (iteratively: the value may be hostile)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_SCHEMA_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _parse_json_schema(spec: Any) -> ResponseFormat:
