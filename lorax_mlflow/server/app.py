@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from lorax_mlflow import __version__
 from lorax_mlflow.server.adapter_admin import adapter_admin_router
@@ -16,6 +16,7 @@ from lorax_mlflow.server.metrics import CONTENT_TYPE, ServerMetrics
 from lorax_mlflow.server.mlflow_routes import mlflow_router
 from lorax_mlflow.server.model_source import ModelHolder, ModelSource
 from lorax_mlflow.server.openai_routes import openai_router
+from lorax_mlflow.server.openapi import Health, drop_fastapi_422, ok
 
 
 def create_app(source: ModelSource, *, admin_token: str | None = None, max_request_bytes: int | None = None) -> FastAPI:
@@ -46,7 +47,7 @@ def create_app(source: ModelSource, *, admin_token: str | None = None, max_reque
     if admin_token:
         app.include_router(adapter_admin_router(holder, admin_token))
 
-    @app.get("/health", tags=["Operations"])
+    @app.get("/health", tags=["Operations"], responses={**ok(Health), 503: {"model": Health, "description": "loading"}})
     async def health():
         """200 once the model is loaded; 503 while it loads (or if loading failed)."""
         if holder.ready:
@@ -55,8 +56,9 @@ def create_app(source: ModelSource, *, admin_token: str | None = None, max_reque
             return JSONResponse({"status": "failed", "error": str(holder.load_error)}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.get("/metrics", tags=["Operations"])
+    @app.get("/metrics", tags=["Operations"], response_class=PlainTextResponse)
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    drop_fastapi_422(app)
     return app

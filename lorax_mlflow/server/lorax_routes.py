@@ -16,6 +16,7 @@ from lorax_mlflow.server.lorax_format import LoraxFormatter
 from lorax_mlflow.server.lorax_params import adapter_body, fit_to_prompt, generate_sampling_params
 from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
+from lorax_mlflow.server.openapi import SSE, GenerateResponse, LoraxErrorResponse, errors, ok
 from lorax_mlflow.server.schemas import GenerateRequest
 from lorax_mlflow.server.sse import SSE_HEADERS, sse_event
 from lorax_mlflow.service import LoraxService, PreparedRequest
@@ -68,17 +69,19 @@ def lorax_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         return StreamingResponse(_token_events(handle, formatter, record, details=body.parameters.details),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
-    @router.post("/generate")
+    @router.post("/generate", responses={**ok(GenerateResponse), **errors(LoraxErrorResponse)})
     async def generate(body: GenerateRequest, request: Request):
         """Generate text: `{"generated_text", "details"}`."""
         return await generate_response(body, request, "generate")
 
-    @router.post("/generate_stream")
+    @router.post("/generate_stream", response_class=StreamingResponse, responses={
+        200: {"description": "token events", "content": {SSE: {"schema": {"type": "string"}}}},
+        **errors(LoraxErrorResponse)})
     async def generate_stream(body: GenerateRequest, request: Request):
         """Stream tokens as server-sent events: `{"token", "generated_text", "details"}`."""
         return await stream_response(body, request, "generate_stream")
 
-    @router.post("/")
+    @router.post("/", responses={**ok(list[GenerateResponse], streams=True), **errors(LoraxErrorResponse)})
     async def compat_generate(body: GenerateRequest, request: Request):
         """lorax-client's route: a one-element list when `stream` is false, else the token stream."""
         if body.stream:

@@ -17,6 +17,22 @@ from lorax_mlflow.server.common import off_loop
 from lorax_mlflow.server.errors import HTTPStatusError, log_client_error
 from lorax_mlflow.server.metrics import ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
+from lorax_mlflow.server.openapi import ChatCompletion, MlflowErrorResponse, errors, ok
+
+_INVOCATIONS_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {
+            "messages": {"type": "array", "items": {"type": "object", "properties": {
+                "role": {"type": "string"}, "content": {"type": "string"}}}},
+            "max_tokens": {"type": "integer"},
+            "temperature": {"type": "number"},
+            "custom_inputs": {"type": "object"},
+        },
+    }}},
+}
 
 
 logger = logging.getLogger(__name__)
@@ -49,7 +65,8 @@ def chat_model_input(body: dict[str, Any]) -> dict[str, Any]:
 def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
     router = APIRouter(tags=["MLflow"])
 
-    @router.post("/invocations")
+    @router.post("/invocations", openapi_extra={"requestBody": _INVOCATIONS_BODY},
+                 responses={**ok(ChatCompletion), **errors(MlflowErrorResponse, 500, 501)})
     async def invocations(request: Request):
         """Chat dict `{"messages", ...params, "custom_inputs"}` -> ChatCompletionResponse, as `mlflow models serve`."""
         record = metrics.request("invocations")

@@ -17,6 +17,7 @@ from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unl
 from lorax_mlflow.server.completions_format import choice_index, summed_usage, text_completion
 from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
+from lorax_mlflow.server.openapi import ChatCompletion, Completion, ModelList, OpenAIErrorResponse, errors, ok
 from lorax_mlflow.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
 from lorax_mlflow.server.sse import DONE, SSE_HEADERS, merged, sse_event
 from lorax_mlflow.service import LoraxService, PreparedRequest
@@ -70,7 +71,7 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
             raise
         return service, prepared, streams
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses={**ok(ChatCompletion, streams=True), **errors(OpenAIErrorResponse)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _log_ignored(body, "chat")
         record = metrics.request("chat")
@@ -95,7 +96,7 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         return openai_format.chat_completion(output, model=prepared.model, created=created, tokenizer=tokenizer,
                                              tools=prepared.tools)
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses={**ok(Completion, streams=True), **errors(OpenAIErrorResponse)})
     async def completions(body: CompletionRequest, request: Request):
         _log_ignored(body, "completions")
         record = metrics.request("completions")
@@ -127,7 +128,7 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         record.close(200)
         return text_completion(finals[0].request_id, prepared[0].model, created, choices, summed_usage(finals))
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", responses={**ok(ModelList), **errors(OpenAIErrorResponse)})
     async def models():
         service = holder.service
         created = int(time.time())
