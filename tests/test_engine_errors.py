@@ -112,3 +112,34 @@ def test_engine_keeps_serving_after_errors(engine, tiny_model_dir):
     out = run(engine, encode(tiny_model_dir, PROMPTS[0]), greedy(5, ignore_eos=True))
     assert out.finished and len(out.outputs[0].token_ids) == 5
     assert_nothing_leaked(engine)
+
+
+def test_sampling_never_picks_the_padded_vocabulary_rows(tmp_path):
+    """A model whose output layer is wider than its tokenizer (rows rounded up for GPU tiles): the
+    padded rows are made to win every argmax, yet every sampled token is a real token."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.engine_support import load_hf
+
+    vocab, padded = 49152, 49152 + 64
+    folder = build_tiny_model(tmp_path / "padded", vocab_size=padded, tie_word_embeddings=False)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight[vocab:, :] = 50.0  # a huge logit whenever sum(h) > 0 ...
+        model.lm_head.weight[vocab:vocab + 32, :] *= -1  # ... or < 0
+    model.save_pretrained(folder)
+    prompt = encode(folder, PROMPTS[0])
+    with torch.no_grad():  # the unpatched argmax would be a padded row
+        assert load_hf(folder)(torch.tensor([prompt])).logits[0, -1].argmax().item() >= vocab
+
+    engine = make_engine(folder, device="cpu")
+    try:
+        out = engine.submit(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)).result()
+        sampled = engine.submit(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True)).result()
+    finally:
+        engine.shutdown()
+    tokens = out.outputs[0].token_ids + sampled.outputs[0].token_ids
+    assert len(tokens) == 16 and all(0 <= t < vocab for t in tokens)
+    with pytest.raises(InvalidRequestError, match=r"\[0, 49152\)"):
+        engine.submit([vocab + 1], greedy())

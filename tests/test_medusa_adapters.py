@@ -165,7 +165,8 @@ def test_medusa_adapters_from_every_source_reach_a_device_slot(
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         mlflow.set_experiment(experiment_id=experiment_id)
         logged = lorax_mlflow.log_adapter(both, "lora-medusa", base_model=str(tiny_model_dir))
-        engine = make_engine(tiny_model_dir, [adapter_root], download_dir=str(tmp_path / "downloads"))
+        engine = make_engine(tiny_model_dir, [adapter_root], download_dir=str(tmp_path / "downloads"),
+                             s3_allow=["s3://medusa/team"])
         try:
             base = engine.submit(prompt, greedy(8)).result().outputs[0].token_ids
             lora = engine.submit(prompt, greedy(8), adapter(str(tiny_adapters["a"]))).result().outputs[0].token_ids

@@ -234,7 +234,7 @@ class AdapterCache:
                     raise self._not_found(request.adapter_id, error) from error
         with self._lock:
             self._folders[key] = folder
-            self._key_ids.setdefault(key, key.split(":", 1)[1])
+            self._key_ids[key] = request.adapter_id
         return key, folder
 
     def _not_found(self, adapter_id: str, error: AdapterNotFoundError) -> AdapterNotFoundError:

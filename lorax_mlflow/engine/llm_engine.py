@@ -64,6 +64,9 @@ class LLMEngine:
         self.runner = ModelRunner(model_path, self.config)
         self.base_model_name = base_model_name or self.runner.hf_config.name_or_path or self.model_path.name
         self.max_model_len = self.runner.max_model_len
+        self.vocab_size = min(len(self.tokenizer), self.runner.vocab_size)
+        """Token ids requests may use and sampling may pick: the tokenizer's, never the padded rows a model's
+        output layer may have beyond it (rounded up for GPU tiles)."""
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.slots = DeviceSlots(self.runner.lora_layers, self.runner.max_loras)
         download_dir = self.config.download_dir or str(cache_root() / "adapters")
@@ -85,7 +88,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.config, self.block_manager, self.adapters)
         self.eos_token_ids = self._eos_token_ids()
-        self.sampler = Sampler(self.runner.vocab_size, self.eos_token_ids, self.runner.device)
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.runner.device)
         self._grammars: Any = None
         self._grammar_lock = threading.Lock()
         self._requests: dict[str, Request] = {}
@@ -130,7 +133,7 @@ class LLMEngine:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> RequestStream:
         """Validate and enqueue a request; errors that can be known now are raised here."""
-        params.validate(self.runner.vocab_size)
+        params.validate(self.vocab_size)
         self._check_length(prompt_token_ids, params)
         self._check_engine_limits(params)
         if not isinstance(adapter, ResolvedAdapter):
@@ -171,7 +174,7 @@ class LLMEngine:
     def _check_length(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = min(len(self.tokenizer), self.runner.vocab_size)
+        vocab = self.vocab_size
         bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
         if bad is not None:  # an id outside the vocabulary would make the step's embedding lookup raise
             raise InvalidRequestError(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
@@ -221,7 +224,7 @@ class LLMEngine:
             )
         with self._grammar_lock:
             if self._grammars is None:
-                self._grammars = GrammarCache(self.tokenizer, self.runner.vocab_size, stop_token_ids=sorted(self.eos_token_ids))
+                self._grammars = GrammarCache(self.tokenizer, self.vocab_size, stop_token_ids=sorted(self.eos_token_ids))
         return self._grammars.matcher(fmt)
 
     def stats(self) -> EngineStats:
