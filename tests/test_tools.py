@@ -111,7 +111,7 @@ def test_a_template_that_renders_tools_gets_them_natively(tiny_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert renders_hermes_tools(HERMES_TEMPLATE)
-    prompt = tokenizer.decode(ChatTemplates(tokenizer).render(
+    prompt = tokenizer.decode(ChatTemplates(tokenizer, trust_request_templates=True).render(
         HISTORY, chat_template=HERMES_TEMPLATE, tools=parse_tools({"tools": TOOLS})))
     assert prompt.startswith("<|im_start|>system\nTOOLS:get_weather;get_time;")
     assert '"arguments": {"city": "Paris", "days": 1}' in prompt  # an object, not a JSON string
