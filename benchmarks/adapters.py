@@ -28,7 +28,7 @@ from benchmarks.common import ALL_TARGETS, PROMPTS, device_label, machine_line
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.default_model import cache_root, default_model_path
 from lorax_mlflow.engine.config import EngineConfig
-from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.engine.sampling_params import SamplingParams
 
 
@@ -53,16 +53,16 @@ def make_adapters(base_dir: Path, out_dir: Path, count: int, rank: int) -> list[
     return folders
 
 
-def cold_load_ms(engine: LLMEngine, folder: Path) -> tuple[float, float]:
+def cold_load_ms(engine: EngineClient, folder: Path) -> tuple[float, float]:
     """(resolve + load into host memory, placement into a slot) in ms, on this (engine) thread."""
     started = time.perf_counter()
     resolved = engine.adapters.resolve(AdapterRequest(str(folder)))
     engine.adapters.wait_loaded(resolved)
     loaded = time.perf_counter()
-    slot = engine.adapters.acquire(resolved.key)
+    slot = engine.core.adapters.acquire(resolved.key)
     placed = time.perf_counter()
     assert slot is not None and slot >= 0
-    engine.adapters.release(slot)
+    engine.core.adapters.release(slot)
     return (loaded - started) * 1000, (placed - loaded) * 1000
 
 
@@ -70,9 +70,9 @@ def measure_cold_loads(base: Path, ranks: list[int], repeats: int) -> list[tuple
     rows = []
     for rank in ranks:
         folders = make_adapters(base, cache_root() / "bench-adapters" / f"cold-r{rank}", repeats + 1, rank)
-        # Not started: no loop thread, so this thread may act as the engine thread and acquire slots.
-        engine = LLMEngine(base, EngineConfig(max_loras=8, max_lora_rank=max(ranks), adapter_roots=[str(folders[0].parent)],
-                                              kv_cache_bytes=64 << 20))
+        # In-process and idle: this thread may act as the loop thread and acquire slots itself.
+        engine = EngineClient(base, EngineConfig(max_loras=8, max_lora_rank=max(ranks), adapter_roots=[str(folders[0].parent)],
+                                                 kv_cache_bytes=64 << 20, in_process=True))
         cold_load_ms(engine, folders[0])  # warm-up: first-use costs of the code paths, not of adapters
         times = [cold_load_ms(engine, folder) for folder in folders[1:]]
         engine.shutdown()
@@ -83,7 +83,7 @@ def measure_cold_loads(base: Path, ranks: list[int], repeats: int) -> list[tuple
     return rows
 
 
-def closed_loop_tokens_per_s(engine: LLMEngine, prompts: list[list[int]], adapters: list[Path], clients: int,
+def closed_loop_tokens_per_s(engine: EngineClient, prompts: list[list[int]], adapters: list[Path], clients: int,
                              requests: int, max_tokens: int) -> float:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     counter = iter(range(requests))
@@ -121,9 +121,9 @@ def measure_throughput(base: Path, args: argparse.Namespace) -> list[tuple[str, 
             (f"{args.adapters} adapters, sized slots", adapters, None)]
     results = []
     for name, used, slots in runs:
-        engine = LLMEngine(base, EngineConfig(max_loras=slots, max_lora_rank=args.rank,
-                                              adapter_roots=[str(adapters[0].parent)])).start()
-        name = name.replace("sized", str(engine.runner.max_loras))
+        engine = EngineClient(base, EngineConfig(max_loras=slots, max_lora_rank=args.rank,
+                                                 adapter_roots=[str(adapters[0].parent)], in_process=True))
+        name = name.replace("sized", str(engine.core.runner.max_loras))
         for folder in used:  # steady state: every adapter already in host memory
             engine.adapters.wait_loaded(engine.adapters.resolve(AdapterRequest(str(folder))))
         closed_loop_tokens_per_s(engine, prompts, used, args.clients, args.clients, 2)  # warm-up

@@ -31,7 +31,7 @@ from benchmarks.common import PROMPTS, device_label, machine_line
 from lorax_mlflow.chat.templates import ChatTemplates
 from lorax_mlflow.default_model import default_model_path
 from lorax_mlflow.engine.config import EngineConfig
-from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.engine.outputs import CompletionOutput
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.structured import RegexConstraint, parse_response_format
@@ -83,11 +83,11 @@ class Measurement:
 class SamplerTimer:
     """Wraps the engine's sampler to add up the time spent in it and count the steps."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self._sampler = engine.sampler
+    def __init__(self, engine: EngineClient) -> None:
+        self._sampler = engine.core.sampler
         self.seconds = 0.0
         self.steps = 0
-        engine.sampler = self
+        engine.core.sampler = self
 
     def __call__(self, logits, rows):
         started = time.perf_counter()
@@ -144,7 +144,7 @@ def tool_prompts(tokenizer, tools: ToolRequest, count: int) -> list[list[int]]:
             for i in range(count)]
 
 
-def run(engine: LLMEngine, timer: SamplerTimer, prompts, make_params, max_tokens: int | list[int]) -> Measurement:
+def run(engine: EngineClient, timer: SamplerTimer, prompts, make_params, max_tokens: int | list[int]) -> Measurement:
     """All requests submitted at once; `max_tokens` per request when a list."""
     caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     timer.reset()
@@ -180,7 +180,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompts = chat_prompts(tokenizer, args.requests)
     json_prompts = chat_prompts(tokenizer, args.requests, " Answer in JSON.")
-    engine = LLMEngine(base, EngineConfig()).start()
+    engine = EngineClient(base, EngineConfig(in_process=True))  # in-process: the timer wraps the core's sampler
     timer = SamplerTimer(engine)
 
     tools = parse_tools({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False})
@@ -206,7 +206,7 @@ def main() -> None:
     median = {name: sorted(runs, key=lambda m: m.tokens_per_s)[len(runs) // 2] for name, runs in samples.items()}
     greedy = median["greedy (= free)"].tokens_per_s
     print(f"\n{args.requests} concurrent requests, max {args.max_tokens} new tokens, "
-          f"SmolLM2-135M {device_label(engine.runner.device, engine.runner.dtype)}, "
+          f"SmolLM2-135M {device_label(engine.core.runner.device, engine.core.runner.dtype)}, "
           f"median of {args.repeats}; {machine_line()}")
     print(f"{'mode':<22} {'tokens/s':>9} {'tokens':>7} {'s':>7} {'sampler ms/step':>16} {'vs greedy':>10} "
           f"{'all runs tokens/s':>24}")

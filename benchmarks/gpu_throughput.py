@@ -39,7 +39,7 @@ from lorax_kernels import is_deterministic, resolve_backend
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.default_model import default_model_path
 from lorax_mlflow.engine.config import EngineConfig
-from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.engine.model_runner import ModelRunner
 from lorax_mlflow.engine.sampling_params import SamplingParams
 
@@ -122,7 +122,7 @@ def add_random_adapters(model, out_dir: Path, count: int, rank: int):
     return peft_model.eval()
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> float:
+def run_engine(engine: EngineClient, prompts: list[list[int]], adapters: list[str | None], max_tokens: int) -> float:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     started = time.perf_counter()
     streams = [engine.submit(p, params, AdapterRequest(a) if a else None) for p, a in zip(prompts, adapters)]
@@ -189,21 +189,22 @@ def parse_args() -> argparse.Namespace:
 def measure_engine(args: argparse.Namespace, config: LlamaConfig, dtype: torch.dtype, model_dir: Path,
                    adapter_dir: Path, prompts: list[list[int]], names: list[str]):
     """Tokens/s and decode steps of the engine base-only and with one adapter per request; and its runner."""
-    engine = LLMEngine(model_dir, EngineConfig(
+    engine = EngineClient(model_dir, EngineConfig(
         max_num_seqs=args.requests, max_loras=args.adapters, max_lora_rank=args.rank, block_size=BLOCK_SIZE,
         kv_cache_bytes=kv_cache_bytes(config, dtype, args.requests, args.prompt_tokens + args.max_tokens),
         host_cache_bytes=8 << 30, device=args.device, dtype=str(dtype).removeprefix("torch."),
-    ), named_adapters={name: adapter_dir / name for name in set(names)}).start()
+        in_process=True,  # the decode-step timer wraps the core's runner
+    ), named_adapters={name: adapter_dir / name for name in set(names)})
     run_engine(engine, prompts, names, 2)  # warm-up: loads every adapter into its slot
     run_engine(engine, prompts, [None] * args.requests, 2)
     results: dict[str, tuple[float, list[DecodeStep]]] = {}
     for label, per_request in [("engine, base only", [None] * args.requests),
                                (f"engine, {args.adapters} adapters", names)]:
-        with timed_decode_steps(engine.runner, args.requests) as steps:
+        with timed_decode_steps(engine.core.runner, args.requests) as steps:
             tokens_per_s = run_engine(engine, prompts, per_request, args.max_tokens)
         results[label] = (tokens_per_s, steps)
     engine.shutdown()
-    return results, engine.runner
+    return results, engine.core.runner
 
 
 def print_report(args: argparse.Namespace, dtype: torch.dtype, bandwidth: float, runner: ModelRunner,

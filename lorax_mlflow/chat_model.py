@@ -53,7 +53,7 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
         from lorax_mlflow.loading import build_engine
 
         engine = build_engine(context.model_config or {}, context.artifacts or {})
-        self.service = LoraxService(engine.start())
+        self.service = LoraxService(engine)
 
     def _body(self, messages: list[ChatMessage], params: ChatParams) -> dict[str, Any]:
         body: dict[str, Any] = {

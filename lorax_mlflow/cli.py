@@ -7,36 +7,41 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from lorax_mlflow.engine.config import engine_settings
 
 logger = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "LORAX_ADMIN_TOKEN"
 
-# flag -> EngineConfig field; each is also read from LORAX_<FIELD> by EngineConfig.with_env_overrides.
-ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--max-num-batched-tokens": ("max_num_batched_tokens", int, "token budget of one engine step"),
-    "--prefill-chunk-tokens": ("prefill_chunk_tokens", int,
-                               "prefill tokens per step while others decode (default: learned from step times)"),
-    "--max-num-seqs": ("max_num_seqs", int, "most sequences decoding at once"),
-    "--kv-cache-bytes": ("kv_cache_bytes", int, "KV cache budget in bytes"),
-    "--max-loras": ("max_loras", int, "adapters resident on the device at once"),
-    "--max-lora-rank": ("max_lora_rank", int, "largest adapter rank accepted"),
-    "--max-model-len": ("max_model_len", int, "context window in tokens"),
-    "--dtype": ("dtype", str, "auto, float32, bfloat16 or float16"),
-    "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
-    "--num-threads": ("num_threads", int,
-                      "torch threads of the engine thread (default: 1 on a CPU with <= 4 cores, else torch's)"),
-    "--max-adapter-bytes": ("max_adapter_bytes", int, "largest adapter one download (S3, MLflow) may fetch, in bytes"),
-    "--verified-token-ttl-s": ("verified_token_ttl_s", float,
-                               "seconds a token the hub accepted for a private adapter is trusted"),
-    "--max-prompts-per-request": ("max_prompts_per_request", int, "most prompts in one completions request"),
-    "--max-sequences-per-request": ("max_sequences_per_request", int,
-                                    "most sequences one request may start (prompts x n / best_of)"),
-}
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, from its declaration (type, default, help, LORAX_* variable)."""
+    group = parser.add_argument_group(
+        "engine", "override the model's engine config; each flag is also an environment variable (flag > "
+        "environment > model config)")
+    for spec in engine_settings():
+        text = f"{spec.help} (env {spec.env_var}".replace("%", "%%")
+        if spec.separator is not None:
+            group.add_argument(spec.flag, dest=spec.name, action="append", type=spec.parse, metavar="VALUE",
+                               help=f"{text}, {spec.separator!r}-separated)")
+        elif spec.kind is bool or spec.default is False:
+            group.add_argument(spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{text})")
+        else:
+            default = "" if spec.default is None else f"; default {spec.default}"
+            group.add_argument(spec.flag, dest=spec.name, type=spec.kind, help=f"{text}{default})")
 
 
-def env_name(field: str) -> str:
-    return f"LORAX_{field.upper()}"
+def engine_flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags given on the command line, as EngineConfig fields."""
+    values = {}
+    for spec in engine_settings():
+        value = getattr(args, spec.name)
+        if value is not None:
+            values[spec.name] = [item for given in value for item in given] if spec.separator is not None else value
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,20 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve an MLflow model over OpenAI-compatible, LoRAX and MLflow routes",
-        description="Load an MLflow lorax-mlflow model in this process and serve /v1/chat/completions, "
-        "/v1/completions, /v1/models, /generate, /generate_stream, /invocations, /health and /metrics. "
-        "Engine flags override the model's engine config and their LORAX_* environment variables.",
+        description="Load an MLflow lorax-mlflow model and serve /v1/chat/completions, /v1/completions, "
+        "/v1/models, /generate, /generate_stream, /invocations, /health and /metrics. The engine core "
+        "runs in its own process.",
     )
     serve.add_argument("-m", "--model-uri", help="any MLflow model URI (path, runs:/, models:/name@alias); "
                        "default: the embedded SmolLM2-135M-Instruct with the demo adapters")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    for flag, (field, kind, text) in ENGINE_FLAGS.items():
-        serve.add_argument(flag, type=kind, dest=field, help=f"{text} (env {env_name(field)})")
-    serve.add_argument("--adapter-root", action="append", dest="adapter_roots", metavar="DIR",
-                       help=f"folder that requests may name local adapters from; repeatable "
-                       f"(env {env_name('adapter_roots')}, {os.pathsep}-separated)")
+    add_engine_flags(serve)
     serve.add_argument("--preload-adapter", action="append", dest="preload_adapters", default=[],
                        metavar="NAME=ID", help="load adapter ID (any source) as NAME before /health is ready; "
                        "repeatable")
@@ -68,13 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, default=0, metavar="N",
                        help="serve with N engine replicas (one core each) on a local Ray cluster, requests "
                        "routed by adapter id (needs the ray extra: pip install lorax-mlflow[ray])")
-    serve.add_argument("--s3-allow", action="append", dest="s3_allow", metavar="S3_URI",
-                       help="s3://bucket/prefix that S3 adapter ids may lie under; repeatable "
-                       f"(env {env_name('s3_allow')}, comma-separated). Default: none, S3 adapters are off")
-    serve.add_argument("--trust-request-chat-template", action="store_true", default=None,
-                       dest="trust_request_chat_template",
-                       help="accept a per-request chat_template (rendered sandboxed, with time and size budgets) "
-                       f"(env {env_name('trust_request_chat_template')}=1)")
     serve.add_argument("--max-request-bytes", type=int, default=None,
                        help="largest request body accepted; larger ones get 413 before they are parsed "
                        "(env LORAX_MAX_REQUEST_BYTES; default 4 MiB)")
@@ -100,22 +94,6 @@ def admin_token(args: argparse.Namespace) -> str | None:
     if not token:
         raise SystemExit(f"--enable-adapter-management needs an admin token in ${ADMIN_TOKEN_ENV}")
     return token
-
-
-def apply_engine_flags(args: argparse.Namespace) -> None:
-    """Write the given flags to their LORAX_* variables, so that flags > environment > model config."""
-    for field, _kind, _text in ENGINE_FLAGS.values():
-        value = getattr(args, field)
-        if value is not None:
-            os.environ[env_name(field)] = str(value)
-    if args.adapter_roots:
-        os.environ[env_name("adapter_roots")] = os.pathsep.join(str(Path(r).resolve()) for r in args.adapter_roots)
-    if args.s3_allow:
-        os.environ[env_name("s3_allow")] = ",".join(args.s3_allow)
-    if args.trust_request_chat_template:
-        os.environ[env_name("trust_request_chat_template")] = "1"
-    if args.max_request_bytes is not None:
-        os.environ["LORAX_MAX_REQUEST_BYTES"] = str(args.max_request_bytes)
 
 
 def default_model_path() -> Path:
@@ -147,25 +125,25 @@ def serve(args: argparse.Namespace) -> int:
     from lorax_mlflow.server import create_app, load_served_model
     from lorax_mlflow.server.adapter_admin import preload_adapters
 
-    apply_engine_flags(args)
     model_uri = args.model_uri
     preloads = parse_preloads(args.preload_adapters)
     token = admin_token(args)
+    overrides = engine_flag_values(args)
     if args.replicas:
-        return serve_replicas(args, preloads)
+        return serve_replicas(args, preloads, overrides)
 
     def load():
-        served = load_served_model(model_uri or str(default_model_path()))
+        served = load_served_model(model_uri or str(default_model_path()), engine_overrides=overrides)
         preload_adapters(served.service, preloads)
         return served
 
-    app = create_app(load, admin_token=token)
+    app = create_app(load, admin_token=token, max_request_bytes=args.max_request_bytes)
     logger.info("serving %s on http://%s:%d", model_uri or "the embedded default model", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
-def serve_replicas(args: argparse.Namespace, preloads: dict[str, str]) -> int:
+def serve_replicas(args: argparse.Namespace, preloads: dict[str, str], overrides: dict[str, Any]) -> int:
     """`serve --replicas N`: the Ray Serve application on a local Ray cluster."""
     if args.enable_adapter_management:
         raise SystemExit("--enable-adapter-management is not available with --replicas (names would differ "
@@ -176,6 +154,10 @@ def serve_replicas(args: argparse.Namespace, preloads: dict[str, str]) -> int:
         raise SystemExit(f"--replicas needs Ray Serve: pip install 'lorax-mlflow[ray]' ({error})") from error
     engine_env = {name: value for name, value in os.environ.items()
                   if name.startswith("LORAX_") and name != ADMIN_TOKEN_ENV}
+    engine_env.update({spec.env_var: spec.to_env(overrides[spec.name]) for spec in engine_settings()
+                       if spec.name in overrides})  # the flags win, in every replica
+    if args.max_request_bytes is not None:
+        engine_env["LORAX_MAX_REQUEST_BYTES"] = str(args.max_request_bytes)
     run_local(args.model_uri, replicas=args.replicas, host=args.host, port=args.port, engine_env=engine_env,
               preload_adapters=preloads)
     return 0

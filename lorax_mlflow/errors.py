@@ -77,3 +77,25 @@ def require_valid_text(text: str, param: str) -> str:
             "it is not valid Unicode text", param=param,
         ) from error
     return text
+
+
+def error_from_fields(
+    kind: str, message: str, *, param: str | None, code: str | None, status: int, type_: str
+) -> LoraxError:
+    """Rebuild an error that crossed a process boundary as data: the same class when it is one of
+    these, else a LoraxError carrying the same status, type and code."""
+    known = {cls.__name__: cls for cls in _subclasses(LoraxError)}
+    try:
+        error = known.get(kind, LoraxError)(message, param=param, code=code)
+    except TypeError:  # a subclass with its own constructor
+        error = LoraxError(message, param=param, code=code)
+    if error.status != status or error.type != type_:
+        error.status, error.type = status, type_
+    return error
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found

@@ -28,7 +28,7 @@ from lorax_mlflow.loading import ADAPTER_ARTIFACT_PREFIX, BASE_WEIGHTS_ARTIFACT
 logger = logging.getLogger(__name__)
 
 _REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "gguf", "mlflow",
-                 "fastapi", "uvicorn", "prometheus_client", "xgrammar", "boto3", "tqdm", "jsonschema", "peft")
+                 "fastapi", "uvicorn", "prometheus_client", "xgrammar", "boto3", "tqdm", "jsonschema", "peft", "pyzmq", "msgspec")
 
 
 def pip_requirements() -> list[str]:
@@ -107,10 +107,14 @@ def _stopping_the_validation_engine() -> Iterator[None]:
     Saving a ChatModel loads the code model (``model_code.py`` -> ``mlflow.models.set_model``) and
     runs ``load_context`` + ``predict`` on an input example. That engine would otherwise keep its
     thread and the base weights alive after logging. Only a model set during this block is stopped.
+    That engine runs in-process: one predict does not pay for starting a core process.
     """
+    from lorax_mlflow.loading import engines_in_process
+
     before = mlflow_model_module.__mlflow_model__
     try:
-        yield
+        with engines_in_process():
+            yield
     finally:
         from lorax_mlflow.chat_model import LoraxChatModel
 

@@ -14,10 +14,10 @@ from typing import Any
 from lorax_mlflow.adapters.cache import ResolvedAdapter
 from lorax_mlflow.beam_search import Beam, BeamSearchParams, beam_search
 from lorax_mlflow.chat.templates import ChatTemplates
-from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.client.engine_client import EngineClient
+from lorax_mlflow.client.stream import RequestStream
 from lorax_mlflow.engine.outputs import CompletionOutput, RequestOutput
 from lorax_mlflow.engine.sampling_params import SamplingParams
-from lorax_mlflow.engine.stream import RequestStream
 from lorax_mlflow.errors import InvalidRequestError, LoraxError, require_valid_text
 from lorax_mlflow.tools.hermes import forced_call_constraint
 from lorax_mlflow.tools.spec import ToolRequest, parse_tools
@@ -42,7 +42,7 @@ class PreparedRequest:
 
 
 class LoraxService:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
         self.templates = ChatTemplates(engine.tokenizer,
                                        trust_request_templates=engine.config.trust_request_chat_template)

@@ -1,4 +1,5 @@
-"""MLflow traces for LoraxChatModel requests: one trace per ``predict`` / ``predict_stream`` call.
+"""MLflow traces of requests: one trace per ``predict`` / ``predict_stream`` call and per HTTP generation
+request of ``lorax-mlflow serve`` (chat completions, completions, /generate, /generate_stream).
 
 Switched on like MLflow's own library integrations (``mlflow.openai.autolog()``): call
 ``lorax_mlflow.tracing.autolog()`` in Python, or set ``LORAX_MLFLOW_TRACING=1`` for a serving
@@ -61,7 +62,7 @@ class RequestTrace:
         return contextlib.nullcontext()
 
     def finish(self, output: RequestOutput, response: dict[str, Any] | None = None) -> None:
-        """End the trace with the engine's final output (``response``: the reply as sent, if built)."""
+        """End the trace (once: later finish or fail calls do nothing) with the engine's final output (``response``: the reply as sent, if built)."""
 
     def fail(self, error: BaseException) -> None:
         """End the trace with an error status."""
@@ -77,6 +78,7 @@ class _MlflowRequestTrace(RequestTrace):
             attributes={"method": name},
         )
         self._last_end_ns = self._root.start_time_ns
+        self._ended = False
 
     @contextlib.contextmanager
     def template(self) -> Iterator[None]:
@@ -91,6 +93,9 @@ class _MlflowRequestTrace(RequestTrace):
         self._last_end_ns = span.end_time_ns
 
     def finish(self, output: RequestOutput, response: dict[str, Any] | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
         self._phase_spans(output)
         prompt, completion = output.num_prompt_tokens, output.num_completion_tokens
         self._root.end(
@@ -109,6 +114,9 @@ class _MlflowRequestTrace(RequestTrace):
         )
 
     def fail(self, error: BaseException) -> None:
+        if self._ended:
+            return
+        self._ended = True
         self._root.record_exception(_redacted_error(error))
         self._root.end(status="ERROR")
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.engine.config import EngineConfig
-from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.engine.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -21,12 +21,13 @@ PROMPTS = [
 ]
 
 
-def make_engine(model_dir: Path, adapter_roots: list[Path] | None = None, **overrides) -> LLMEngine:
-    # device="cpu": the references (transformers, PEFT) run on the CPU in float32; tests/test_gpu_engine.py covers CUDA.
-    values = dict(max_loras=4, max_lora_rank=16, kv_cache_bytes=8 << 20, max_model_len=256,
+def make_engine(model_dir: Path, adapter_roots: list[Path] | None = None, **overrides) -> EngineClient:
+    """An engine over `model_dir` with its core in-process (fast to start; the surfaces' tests use the process).
+    device="cpu": the references (transformers, PEFT) run on the CPU in float32; tests/test_gpu_engine.py covers CUDA."""
+    values = dict(max_loras=4, max_lora_rank=16, kv_cache_bytes=8 << 20, max_model_len=256, in_process=True,
                   adapter_roots=[str(r) for r in adapter_roots or []], device="cpu")
     values.update(overrides)
-    return LLMEngine(model_dir, EngineConfig(**values)).start()
+    return EngineClient(model_dir, EngineConfig(**values))
 
 
 def encode(model_dir: Path, text: str) -> list[int]:

@@ -48,7 +48,7 @@ def running_server(source: ModelSource, **app_options) -> Iterator[RunningServer
         thread.join(timeout=10)
 
 
-def wait_healthy(url: str, timeout: float = 60) -> None:
+def wait_healthy(url: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if httpx.get(url + "/health").status_code == 200:

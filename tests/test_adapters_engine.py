@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.adapters.merge import MergeSpec
-from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.errors import AdapterAuthError, AdapterForbiddenError
 from lorax_mlflow.service import LoraxService
 from tests.engine_support import PROMPTS, adapter, encode, greedy, hf_greedy, load_hf, make_engine
@@ -50,13 +50,13 @@ def tokens(stream) -> list[int]:
     return stream.result().outputs[0].token_ids
 
 
-def assert_nothing_leaked(engine: LLMEngine) -> None:
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert all(refs == 0 for refs in engine.slots.refs)
+def assert_nothing_leaked(engine: EngineClient) -> None:
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
+    assert all(refs == 0 for refs in engine.core.slots.refs)
 
 
 @contextmanager
-def running_engine(model_dir: Path, **config) -> Iterator[LLMEngine]:
+def running_engine(model_dir: Path, **config) -> Iterator[EngineClient]:
     engine = make_engine(model_dir, **config)
     try:
         yield engine

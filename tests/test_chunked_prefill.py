@@ -42,7 +42,7 @@ def long_prompts(tiny_model_dir) -> list[list[int]]:
 def record_steps(engine, monkeypatch) -> list[tuple[int, int, int]]:
     """(decode tokens, prefill tokens, tokens fed) of every step the engine runs from now on."""
     steps: list[tuple[int, int, int]] = []
-    schedule = engine.scheduler.schedule
+    schedule = engine.core.scheduler.schedule
 
     def recording_schedule():
         out = schedule()
@@ -50,7 +50,7 @@ def record_steps(engine, monkeypatch) -> list[tuple[int, int, int]]:
             steps.append((out.num_decode_tokens, out.num_prefill_tokens, sum(i.num_new_tokens for i in out.scheduled)))
         return out
 
-    monkeypatch.setattr(engine.scheduler, "schedule", recording_schedule)
+    monkeypatch.setattr(engine.core.scheduler, "schedule", recording_schedule)
     return steps
 
 
@@ -62,7 +62,7 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_and_equals_hf(ch
     assert tokens == hf_greedy(hf_model, prompt, 12)
     prefill_steps = [s for s in steps if s[1]]
     assert [s[1] for s in prefill_steps] == [16, 16, 16, 16, 6]  # 70 tokens, alone: whole budgets
-    assert chunked.block_manager.num_free_blocks == chunked.block_manager.num_blocks
+    assert chunked.core.block_manager.num_free_blocks == chunked.core.block_manager.num_blocks
 
 
 def test_mixed_adapter_batch_with_staggered_long_prompts_equals_unchunked(chunked, unchunked, long_prompts,
@@ -91,8 +91,8 @@ def test_mixed_adapter_batch_with_staggered_long_prompts_equals_unchunked(chunke
     assert all(fed <= BUDGET for _, _, fed in steps), "a step never exceeds max_num_batched_tokens"
     assert all(prefill <= CHUNK for decodes, prefill, _ in steps if decodes), "chunks beside decodes stay small"
     assert any(decodes and prefill for decodes, prefill, _ in steps), "decodes ran beside a prefill chunk"
-    assert all(r == 0 for r in chunked.slots.refs)
-    assert chunked.block_manager.num_free_blocks == chunked.block_manager.num_blocks
+    assert all(r == 0 for r in chunked.core.slots.refs)
+    assert chunked.core.block_manager.num_free_blocks == chunked.core.block_manager.num_blocks
 
 
 def test_prompt_logprobs_over_chunks_equal_unchunked(chunked, unchunked, long_prompts, tiny_adapters):
@@ -118,7 +118,7 @@ def test_n_siblings_sample_once_the_chunked_prompt_is_complete(chunked, hf_model
     out = chunked.submit(prompt, greedy(8, n=3)).result()
     decoding.result()
     assert [o.token_ids for o in out.outputs] == [hf_greedy(hf_model, prompt, 8)] * 3
-    assert chunked.block_manager.num_free_blocks == chunked.block_manager.num_blocks
+    assert chunked.core.block_manager.num_free_blocks == chunked.core.block_manager.num_blocks
 
 
 def test_preemption_during_chunked_prefill_recomputes_to_the_same_tokens(tiny_model_dir, long_prompts):
@@ -131,7 +131,7 @@ def test_preemption_during_chunked_prefill_recomputes_to_the_same_tokens(tiny_mo
         expected = [reference.submit(p, params).result().outputs[0].token_ids for p in long_prompts]
         streams = [engine.submit(p, params) for p in long_prompts]
         assert [s.result().outputs[0].token_ids for s in streams] == expected
-        assert engine.block_manager.num_free_blocks == 12
+        assert engine.core.block_manager.num_free_blocks == 12
     finally:
         engine.shutdown()
         reference.shutdown()

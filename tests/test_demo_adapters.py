@@ -131,11 +131,11 @@ def test_the_engine_serves_each_demo_adapter_with_its_behaviour_in_one_mixed_bat
     from lorax_mlflow.adapters.cache import AdapterRequest
     from lorax_mlflow.default_model import default_model_path
     from lorax_mlflow.engine.config import EngineConfig
-    from lorax_mlflow.engine.llm_engine import LLMEngine
+    from lorax_mlflow.client.engine_client import EngineClient
     from lorax_mlflow.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(default_model_path(), EngineConfig(max_loras=4, max_lora_rank=16, device="cpu"),
-                       named_adapters=demo_adapters).start()
+    engine = EngineClient(default_model_path(), EngineConfig(max_loras=4, max_lora_rank=16, device="cpu"),
+                          named_adapters=demo_adapters)
     try:
         params = SamplingParams(max_tokens=40, temperature=0.0)
         streams = {}

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lorax_mlflow.default_model import default_model_path
-from lorax_mlflow.engine.detokenizer import IncrementalDetokenizer, special_token_ids
+from lorax_mlflow.client.detokenizer import IncrementalDetokenizer, special_token_ids
 from lorax_mlflow.engine.sampling_params import SamplingParams
 
 

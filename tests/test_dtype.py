@@ -47,7 +47,7 @@ def test_bf16_engine_matches_fp32_within_a_tolerance_that_catches_wrong_adapters
     fp32 = make_engine(tiny_model_dir, adapter_roots=[adapter_root], dtype="float32")
     bf16 = make_engine(tiny_model_dir, adapter_roots=[adapter_root], dtype="bfloat16")
     try:
-        assert bf16.runner.kv_cache.dtype == torch.bfloat16
+        assert bf16.core.runner.kv_cache.dtype == torch.bfloat16
         reference = prompt_logprobs(fp32, prompt, tiny_adapters["c"])
         got = prompt_logprobs(bf16, prompt, tiny_adapters["c"])
         assert close(got, reference)

@@ -15,7 +15,7 @@ def test_greedy_output_equals_hf_generate_token_for_token(engine, hf_model, tiny
     streams = [engine.submit(p, greedy(16)) for p in prompts]  # all in flight together
     for prompt, stream in zip(prompts, streams):
         assert stream.result().outputs[0].token_ids == hf_greedy(hf_model, prompt, 16)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def test_requests_joining_and_leaving_a_running_batch_get_the_same_tokens_as_alone(engine, tiny_model_dir):
@@ -78,22 +78,22 @@ def test_abort_frees_kv_blocks_at_once(engine, tiny_model_dir):
     next(iter(stream))  # generation has started
     stream.abort()
     deadline = time.time() + 5
-    while engine.block_manager.num_free_blocks != engine.block_manager.num_blocks and time.time() < deadline:
+    while engine.core.block_manager.num_free_blocks != engine.core.block_manager.num_blocks and time.time() < deadline:
         time.sleep(0.01)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def test_preemption_under_a_tiny_kv_cache_still_gives_the_reference_tokens(tiny_model_dir, hf_model):
     # 12 blocks of 16 tokens cannot hold 5 sequences of ~50 tokens: the scheduler must preempt and recompute.
     engine = make_engine(tiny_model_dir, kv_cache_bytes=12 * 16 * 2 * 2 * 2 * 16 * 4)
     try:
-        assert engine.block_manager.num_blocks == 12
+        assert engine.core.block_manager.num_blocks == 12
         prompts = [encode(tiny_model_dir, p) for p in PROMPTS]
         streams = [engine.submit(p, greedy(40, ignore_eos=True)) for p in prompts]
         for prompt, stream in zip(prompts, streams):
             expected = hf_greedy_no_eos(hf_model, prompt, 40)
             assert stream.result().outputs[0].token_ids == expected
-        assert engine.block_manager.num_free_blocks == 12
+        assert engine.core.block_manager.num_free_blocks == 12
     finally:
         engine.shutdown()
 
@@ -107,11 +107,9 @@ def hf_greedy_no_eos(model, prompt, max_tokens):
     return out[0, len(prompt):].tolist()
 
 
-def test_engine_thread_count_defaults_to_one_on_small_cpus_and_can_be_set(monkeypatch):
+def test_core_threads_default_to_every_usable_core_and_can_be_set(monkeypatch):
     from lorax_mlflow.engine.config import EngineConfig
 
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert EngineConfig(device="cpu").resolved_num_threads() == 1
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert EngineConfig(device="cpu").resolved_num_threads() is None
-    assert EngineConfig(device="cpu", num_threads=3).resolved_num_threads() == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert EngineConfig(device="cpu").resolved_num_threads() == 3
+    assert EngineConfig(device="cpu", num_threads=1).resolved_num_threads() == 1

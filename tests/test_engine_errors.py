@@ -43,8 +43,8 @@ def engine(tiny_model_dir, adapter_root, tiny_adapters):
 
 
 def assert_nothing_leaked(engine):
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert all(r == 0 for r in engine.slots.refs)
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
+    assert all(r == 0 for r in engine.core.slots.refs)
 
 
 def run(engine, prompt, params, adapter_request=None):

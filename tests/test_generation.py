@@ -43,8 +43,8 @@ def hf_log_softmax(hf_model, token_ids: list[int]) -> torch.Tensor:
 def record_steps(engine, monkeypatch) -> list[dict]:
     """Wrap the runner so each step records what it fed and the block tables it saw."""
     steps: list[dict] = []
-    execute = engine.runner.execute
-    manager = engine.block_manager
+    execute = engine.core.runner.execute
+    manager = engine.core.block_manager
 
     def recording_execute(scheduled, slot_ranks):
         steps.append({
@@ -56,7 +56,7 @@ def record_steps(engine, monkeypatch) -> list[dict]:
         })
         return execute(scheduled, slot_ranks)
 
-    monkeypatch.setattr(engine.runner, "execute", recording_execute)
+    monkeypatch.setattr(engine.core.runner, "execute", recording_execute)
     return steps
 
 
@@ -85,7 +85,7 @@ def test_n_prefills_the_prompt_once_and_shares_its_blocks_until_copy_on_write(en
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in out.outputs}) == 3
     assert all(len(o.token_ids) == 20 and o.finish_reason == "length" for o in out.outputs)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def test_seeded_choice_i_equals_a_single_request_seeded_with_seed_plus_i(engine, prompt_40):
@@ -123,7 +123,7 @@ def test_n_siblings_survive_preemption_under_a_tiny_kv_cache(tiny_model_dir, pro
         assert [o.token_ids for o in shared.result().outputs] == alone
         for stream in others:
             stream.result()
-        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
     finally:
         engine.shutdown()
 
@@ -241,7 +241,7 @@ def test_json_schema_outputs_validate_while_sharing_a_batch_with_free_requests(e
             assert output.finish_reason == "stop", (name, output.text)
             jsonschema.validate(json.loads(output.text), SCHEMAS[name])
     assert [s.result().outputs[0].token_ids for s in free] == free_alone
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def test_ignore_eos_with_a_json_response_format_is_a_400(engine, prompt_40):

@@ -106,7 +106,7 @@ def dtype(request) -> torch.dtype:
 def cuda_engine(gpu_model_dir, gpu_adapters, dtype):
     root = next(iter(gpu_adapters.values())).parent
     engine = make_engine(gpu_model_dir, adapter_roots=[root], device="cuda", dtype=str(dtype).removeprefix("torch."))
-    assert engine.runner.device.type == "cuda" and engine.runner.dtype == dtype
+    assert engine.core.runner.device.type == "cuda" and engine.core.runner.dtype == dtype
     yield engine
     engine.shutdown()
 
@@ -126,8 +126,8 @@ def test_mixed_adapter_batch_on_cuda_matches_peft_logprobs_on_cuda(cuda_engine, 
         assert error <= tolerance, f"adapter {name}: max logprob error {error:.3g} > {tolerance}"
         wrong = reference_logprobs(references["b" if name != "b" else "c"], sequence)
         assert (wrong - expected).abs().max().item() > 4 * tolerance, "the check must tell adapters apart"
-    assert all(r == 0 for r in cuda_engine.slots.refs)
-    assert cuda_engine.block_manager.num_free_blocks == cuda_engine.block_manager.num_blocks
+    assert all(r == 0 for r in cuda_engine.core.slots.refs)
+    assert cuda_engine.core.block_manager.num_free_blocks == cuda_engine.core.block_manager.num_blocks
 
 
 def test_float32_greedy_tokens_on_cuda_equal_hf_generate_and_peft(cuda_engine, gpu_model_dir, gpu_adapters, dtype):

@@ -143,4 +143,4 @@ def test_constrained_and_free_requests_share_batches_and_free_every_block(engine
     texts = [s.result().outputs[0].text for s in streams]
     assert all(t in CHOICES for t in texts[0::2]) and all(re.fullmatch(REGEXES[0], t) for t in texts[1::2])
     assert len({tuple(f.result().outputs[0].token_ids) for f in free}) == 1
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks

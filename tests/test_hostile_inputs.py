@@ -289,14 +289,14 @@ def test_deeply_nested_json_on_invocations_is_a_400(server):
 
 
 def test_a_non_streaming_request_whose_client_leaves_frees_its_kv_blocks(server, engine):
-    total = engine.block_manager.num_blocks
+    total = engine.stats().kv_blocks_total
     body = {"model": "a", "prompt": "hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.5))
     deadline = time.monotonic() + 20
-    while engine.block_manager.num_free_blocks != total and time.monotonic() < deadline:
+    while engine.stats().kv_blocks_free != total and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert engine.block_manager.num_free_blocks == total
+    assert engine.stats().kv_blocks_free == total
     assert engine.stats().num_running == 0
 
 

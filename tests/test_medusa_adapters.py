@@ -180,7 +180,7 @@ def test_medusa_adapters_from_every_source_reach_a_device_slot(
                        for where, request in requests.items()}
             with pytest.raises(AdapterValidationError) as refused:
                 engine.submit(prompt, greedy(8), adapter(str(other_base))).result()
-            placed = [engine.slots.medusa[slot] for slot in engine.slots.resident.values()]
+            placed = [engine.core.slots.medusa[slot] for slot in engine.core.slots.resident.values()]
         finally:
             engine.shutdown()
 

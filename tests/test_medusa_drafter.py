@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorax_mlflow.adapters.weights import MedusaHeads
+from lorax_mlflow.lora.weights import MedusaHeads
 from lorax_mlflow.engine.medusa_drafter import draft_medusa
 
 HIDDEN, VOCAB = 16, 50

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorax_mlflow.adapters.merge import MergeSpec, merge_adapters
-from lorax_mlflow.adapters.weights import LoraWeights
+from lorax_mlflow.lora.weights import LoraWeights
 from lorax_mlflow.errors import AdapterValidationError, InvalidRequestError
 
 MODULE = "model.layers.0.self_attn.q_proj"

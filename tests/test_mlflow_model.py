@@ -84,30 +84,21 @@ def test_predict_stream_yields_deltas_that_add_up_to_predict(model):
 
 def test_concurrent_predict_calls_share_the_engine_batches(model):
     engine = unwrap_chat_model(model).service.engine
-    seen_batch = []
-    original = engine.runner.execute
+    steps_before = engine.stats().num_steps
+    results = [None] * 6
+    adapters = ["support", "sales", "", "support", "sales", ""]
 
-    def spy(scheduled, ranks):
-        seen_batch.append(len(scheduled))
-        return original(scheduled, ranks)
+    def call(i):
+        results[i] = model.predict(chat(f"question {i}", custom_inputs={"adapter_id": adapters[i], "ignore_eos": True}))
 
-    engine.runner.execute = spy
-    try:
-        results = [None] * 6
-        adapters = ["support", "sales", "", "support", "sales", ""]
-
-        def call(i):
-            results[i] = model.predict(chat(f"question {i}", custom_inputs={"adapter_id": adapters[i], "ignore_eos": True}))
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        engine.runner.execute = original
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert all(r["usage"]["completion_tokens"] == 12 for r in results)
-    assert max(seen_batch) > 1, "requests from different threads ran in the same step"
+    steps = engine.stats().num_steps - steps_before
+    assert steps < 6 * 12, "requests from different threads ran in the same steps"
 
 
 @pytest.mark.parametrize(
@@ -154,7 +145,7 @@ def test_mlflow_models_serve_answers_a_chat_request_with_an_adapter(model_dir):
     )
     try:
         body = json.dumps(chat("hi", custom_inputs={"adapter_id": "support"})).encode()
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # the server and its engine core each load torch: slow on a busy machine
         while True:
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,

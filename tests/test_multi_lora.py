@@ -32,8 +32,8 @@ def test_mixed_batch_over_three_adapters_and_base_equals_peft_one_at_a_time(engi
     for (name, prompt), stream in zip(cases, streams):
         expected = peft_greedy(tiny_model_dir, tiny_adapters[name], prompt, 12) if name else hf_greedy(base, prompt, 12)
         assert stream.result().outputs[0].token_ids == expected, f"adapter {name}"
-    assert all(r == 0 for r in engine.slots.refs), "every adapter slot is released"
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert all(r == 0 for r in engine.core.slots.refs), "every adapter slot is released"
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def test_adapters_change_the_output(engine, tiny_model_dir, tiny_adapters):
@@ -55,8 +55,8 @@ def test_more_adapters_than_slots_evicts_and_stays_correct(tiny_model_dir, adapt
         results = [s.result().outputs[0].token_ids for s in streams]
         for name, tokens in zip(names, results):
             assert tokens == peft_greedy(tiny_model_dir, tiny_adapters[name], prompt, 8)
-        assert engine.slots.evictions >= 1
-        assert all(r == 0 for r in engine.slots.refs)
+        assert engine.core.slots.evictions >= 1
+        assert all(r == 0 for r in engine.core.slots.refs)
     finally:
         engine.shutdown()
 
@@ -145,8 +145,8 @@ def test_slots_sized_from_memory_let_more_adapters_than_8_run_at_once(tiny_model
     per_slot = lora_slot_bytes(load_hf(tiny_model_dir), tuple(ALL_TARGETS), max_rank=16)
     engine = make_engine(tiny_model_dir, adapter_roots=[adapter_root], max_loras=None, lora_slots_bytes=11 * per_slot)
     try:
-        assert engine.runner.max_loras == engine.slots.max_loras == 11
-        layers = {id(h.fused): h.fused for h in engine.runner.lora_layers.values()}.values()
+        assert engine.core.runner.max_loras == engine.core.slots.max_loras == 11
+        layers = {id(h.fused): h.fused for h in engine.core.runner.lora_layers.values()}.values()
         assert sum(l.lora_a.nbytes + l.lora_b_storage.nbytes for l in layers) == 11 * per_slot
         prompt = encode(tiny_model_dir, PROMPTS[1])
         assert engine.submit(prompt, greedy(6), adapter(str(tiny_adapters["b"]))).result().outputs[0].token_ids == \
@@ -154,5 +154,5 @@ def test_slots_sized_from_memory_let_more_adapters_than_8_run_at_once(tiny_model
     finally:
         engine.shutdown()
     small = make_engine(tiny_model_dir, max_loras=None, lora_slots_bytes=per_slot)
-    assert small.runner.max_loras == 8
+    assert small.core.runner.max_loras == 8
     small.shutdown()

@@ -25,12 +25,12 @@ def engine_greedy(served, prompt: str, max_tokens: int, adapter_id: str = ""):
 
 
 def generate(server, parameters: dict, inputs: str = PROMPT, route: str = "/generate") -> httpx.Response:
-    return httpx.post(server.url + route, json={"inputs": inputs, "parameters": parameters})
+    return httpx.post(server.url + route, json={"inputs": inputs, "parameters": parameters}, timeout=120)
 
 
 def stream_events(server, parameters: dict, inputs: str = PROMPT) -> list[dict]:
     with httpx.stream("POST", server.url + "/generate_stream",
-                      json={"inputs": inputs, "parameters": parameters}) as response:
+                      json={"inputs": inputs, "parameters": parameters}, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         return [json.loads(line[len("data:"):]) for line in response.iter_lines() if line.startswith("data:")]

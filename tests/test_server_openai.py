@@ -175,18 +175,18 @@ def test_async_stream_with_n_2_interleaves_choices_by_index(server):
 
 def test_a_client_that_leaves_mid_stream_aborts_its_request_and_frees_its_kv_blocks(server, served):
     engine = served.service.engine
-    total = engine.block_manager.num_blocks
+    total = engine.stats().kv_blocks_total
     body = {"model": "a", "messages": HELLO, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", server.v1 + "/chat/completions", json=body) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(3)]
-        assert engine.block_manager.num_free_blocks < total  # the request holds blocks while streaming
+        assert engine.stats().kv_blocks_free < total  # the request holds blocks while streaming
     assert received[0].startswith("data: ")
     deadline = time.monotonic() + 20
-    while engine.block_manager.num_free_blocks != total and time.monotonic() < deadline:
+    while engine.stats().kv_blocks_free != total and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.block_manager.num_free_blocks == total
+    assert engine.stats().kv_blocks_free == total
     assert engine.stats().num_running == 0
     metrics = httpx.get(server.url + "/metrics").text
     assert 'lorax_requests_total{adapter="a",route="chat",status="499"} 1.0' in metrics
@@ -378,7 +378,7 @@ def test_cli_serves_a_model_uri_and_its_engine_flags_win_over_the_environment(mo
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # two interpreters load torch: slow on a busy machine
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 if httpx.get(url + "/health").status_code == 200:

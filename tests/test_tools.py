@@ -231,7 +231,7 @@ def test_forced_calls_on_20_random_schemas_always_parse_and_validate(service):
             jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
         if not prepared.tools.parallel:
             assert len(calls) == 1
-    assert service.engine.block_manager.num_free_blocks == service.engine.block_manager.num_blocks
+    assert service.engine.core.block_manager.num_free_blocks == service.engine.core.block_manager.num_blocks
 
 
 def test_forced_tool_choice_with_response_format_is_a_400(service):

@@ -158,3 +158,26 @@ def test_the_environment_variable_switches_tracing_on(monkeypatch):
     assert not tracing.enabled()
     monkeypatch.setenv(tracing.ENV_VAR, "1")
     assert tracing.enabled()
+
+
+def test_requests_to_the_http_server_are_traced_like_predict_and_never_record_a_token(model, traced):
+    import json
+
+    import httpx
+
+    from lorax_mlflow.chat_model import unwrap_chat_model
+    from lorax_mlflow.server import ServedModel
+    from tests.server_support import running_server
+
+    with running_server(ServedModel(unwrap_chat_model(model).service, model.predict)) as server:
+        response = httpx.post(server.v1 + "/chat/completions", timeout=120, json={
+            "model": "support", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "api_token": "secret-token-123"}).json()
+    trace = last_trace()
+    root, children = root_and_children(trace)
+    assert root.attributes["method"] == "chat.completions"
+    assert_phases_in_time_order(root, children)
+    assert root.outputs["id"] == response["id"]
+    assert root.attributes["completion_tokens"] == 5
+    assert "secret-token-123" not in json.dumps(root.inputs)
+    assert trace.info.state == TraceState.OK

@@ -12,7 +12,7 @@ from lorax_mlflow.adapters.confined import ConfinedFolder
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.adapters.medusa_format import is_medusa_key, load_medusa_heads, read_medusa_config
 from lorax_mlflow.adapters.peft_format import CONFIG_FILE, load_peft_adapter
-from lorax_mlflow.adapters.weights import LoraWeights
+from lorax_mlflow.lora.weights import LoraWeights
 from lorax_mlflow.errors import AdapterValidationError
 
 

@@ -24,8 +24,8 @@ from lorax_mlflow.adapters.adapter_folder import BaseModelShape, load_adapter_fo
 from lorax_mlflow.adapters.base_identity import check_base_model
 from lorax_mlflow.adapters.merge import MergeSpec, merge_adapters
 from lorax_mlflow.adapters.sources import AdapterLocation, AdapterSources, parse_adapter_id
-from lorax_mlflow.adapters.weights import LoraWeights
 from lorax_mlflow.errors import AdapterNotFoundError, AdapterValidationError, InvalidRequestError, LoraxError
+from lorax_mlflow.lora.weights import LoraWeights
 from lorax_mlflow.lora.slots import DeviceSlots
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ResolvedAdapter:
 
 @dataclass
 class AdapterStats:
-    """Counters for one adapter id (as requests name it), read by /metrics via `AdapterCache.adapter_stats`."""
+    """Counters for one adapter id (as requests name it); `AdapterCache.adapter_stats` hands out snapshots."""
 
     requests: int = 0
     """Requests that named the adapter and passed its access check."""
@@ -336,9 +336,6 @@ class AdapterCache:
 
     def release(self, slot: int) -> None:
         self.slots.unpin(slot)
-
-    def slot_rank(self, slot: int) -> int:
-        return self.slots.ranks[slot]
 
     def _host_weights(self, key: str) -> LoraWeights | None:
         """The weights of `key` in host memory, taking a finished load there; None while loading."""

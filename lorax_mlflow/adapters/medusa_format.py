@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lorax_mlflow.adapters.weights import MedusaHeads
+from lorax_mlflow.lora.weights import MedusaHeads
 from lorax_mlflow.errors import AdapterValidationError
 
 MEDUSA_CONFIG_FILE = "config.json"

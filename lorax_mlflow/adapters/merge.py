@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorax_mlflow.adapters.weights import LoraWeights
+from lorax_mlflow.lora.weights import LoraWeights
 from lorax_mlflow.errors import AdapterValidationError, InvalidRequestError
 
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")

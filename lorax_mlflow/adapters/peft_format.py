@@ -23,8 +23,8 @@ import regex
 import torch
 
 from lorax_mlflow.adapters.confined import ConfinedFolder
-from lorax_mlflow.adapters.weights import LoraWeights
 from lorax_mlflow.errors import AdapterValidationError, LoraxError
+from lorax_mlflow.lora.weights import LoraWeights
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"

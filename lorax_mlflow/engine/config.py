@@ -1,17 +1,24 @@
-"""Engine configuration: one dataclass, serialisable into the MLflow model config."""
+"""Engine configuration: one dataclass, serialisable into the MLflow model config.
+
+Each field is declared once with :func:`setting`: its default, its help text and how to read it
+from text. From that declaration come the ``LORAX_<FIELD>`` environment variables
+(:meth:`EngineConfig.with_env_overrides`) and the ``lorax-mlflow serve`` flags (lorax_mlflow/cli.py).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-_SMALL_CPU_CORES = 4
+_REMOVED_FIELDS = {"seed"}
+"""Fields that models logged by older versions may still carry; ignored."""
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -25,57 +32,117 @@ def cpu_bf16_instructions() -> list[str]:
     return found
 
 
+def _absolute_path(raw: str) -> str:
+    return os.path.abspath(os.path.expanduser(raw))
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"not a boolean: {raw!r}")
+    return value in ("1", "true", "yes", "on")
+
+
+def setting(default: Any, help: str, *, kind: Callable[[str], Any] = str, separator: str | None = None,
+            flag: str | None = None) -> Any:
+    """Declare an EngineConfig field: `kind` parses one value from text; a list field (`separator`
+    set) splits its environment variable there and takes its flag once per value."""
+    meta = {"help": help, "kind": kind, "separator": separator, "flag": flag}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One EngineConfig field as the CLI and the environment see it."""
+
+    name: str
+    default: Any
+    help: str
+    kind: Callable[[str], Any]
+    separator: str | None
+    flag: str
+
+    @property
+    def env_var(self) -> str:
+        return f"LORAX_{self.name.upper()}"
+
+    def parse(self, raw: str) -> Any:
+        if self.separator is not None:
+            return [self.kind(part) for part in raw.split(self.separator) if part]
+        return self.kind(raw)
+
+    def to_env(self, value: Any) -> str:
+        """`value` as this setting's environment variable reads it back."""
+        if self.separator is not None:
+            return self.separator.join(str(item) for item in value)
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        return str(value)
+
+
+def engine_settings() -> Iterator[SettingSpec]:
+    for f in fields(EngineConfig):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        yield SettingSpec(f.name, default, f.metadata["help"], f.metadata["kind"], f.metadata["separator"],
+                          f.metadata["flag"] or "--" + f.name.replace("_", "-"))
+
+
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64
-    """Most sequences decoding at once."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step (prefill tokens + one per decoding sequence)."""
-    prefill_chunk_tokens: int | None = None
-    """Prefill tokens a step may hold while other sequences decode (chunked prefill); None ->
-    learned from measured step times so that the prefill share of such a step costs about
-    `prefill_chunk_cost_ratio` decode steps."""
-    prefill_chunk_cost_ratio: float = 2.0
-    """Learned chunk target: with 2, a step carrying a chunk takes about 3 decode steps, and a long
-    prompt arriving under load reaches its first token about 1.5x later than alone."""
-    max_model_len: int | None = None
-    """Context window; None -> the model's max_position_embeddings capped at 8192."""
-    block_size: int = 16
-    kv_cache_bytes: int | None = None
-    """KV cache budget in bytes; None -> 512 MiB on CPU, 60% of free memory on CUDA."""
-    max_loras: int | None = None
-    """Device slots: adapters resident (and running) at once; None -> as many as
-    `lora_slots_bytes` holds at `max_lora_rank`, at least 8 and at most `max_num_seqs`."""
-    lora_slots_bytes: int | None = None
-    """Memory for adapter slots when `max_loras` is None; None -> 1 GiB on CPU, 10% of free memory on CUDA."""
-    max_lora_rank: int = 64
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    adapter_roots: list[str] = field(default_factory=list)
-    host_cache_bytes: int = 2 << 30
-    """Host-memory LRU budget for loaded adapters."""
-    download_dir: str | None = None
-    dtype: str = "auto"
-    """auto -> bfloat16 on CUDA and on CPUs with native bf16 matrix instructions (AMX-BF16 or
-    AVX512-BF16), float32 on other CPUs (bf16 there is emulated and slower than fp32)."""
-    device: str = "auto"
-    seed: int = 0
-    num_threads: int | None = None
-    """torch intra-op threads of the engine thread; None -> 1 on a CPU device with at most 4 cores,
-    else torch's default. OpenMP regions started from a non-main thread pay a large per-region
-    cost, which hurts the many small LoRA ops of a decode step; on a 2-core CPU one thread was
-    measured 60% faster for mixed-adapter decoding and 6% slower base-only (benchmarks/RESULTS.md)."""
-    s3_allow: list[str] = field(default_factory=list)
-    """``s3://bucket/prefix`` entries that S3 adapter ids must lie under; empty = S3 adapters are off."""
-    max_adapter_bytes: int = 4 << 30
-    """Largest adapter (all its files) that one download (S3, MLflow) may fetch."""
-    verified_token_ttl_s: float = 600.0
-    """How long a token the hub accepted for a private adapter (or a repo found public) is trusted."""
-    trust_request_chat_template: bool = False
-    """Whether requests may carry their own `chat_template` (rendered sandboxed, with budgets)."""
-    max_prompts_per_request: int = 128
-    """Most prompts in one completions request."""
-    max_sequences_per_request: int = 256
-    """Most sequences one request may start: prompts x max(n, best_of)."""
+    max_num_seqs: int = setting(64, "most sequences decoding at once", kind=int)
+    max_num_batched_tokens: int = setting(
+        2048, "token budget of one engine step (prefill tokens + one per decoding sequence)", kind=int)
+    prefill_chunk_tokens: int | None = setting(
+        None, "prefill tokens a step may hold while other sequences decode (chunked prefill; default: learned "
+        "from measured step times)", kind=int)
+    prefill_chunk_cost_ratio: float = setting(
+        2.0, "learned chunk target: the prefill share of a step with decodes costs about this many decode steps",
+        kind=float)
+    """With 2, a step carrying a chunk takes about 3 decode steps, and a long prompt arriving under load
+    reaches its first token about 1.5x later than alone."""
+    max_model_len: int | None = setting(
+        None, "context window in tokens (default: the model's max_position_embeddings, at most 8192)", kind=int)
+    block_size: int = setting(16, "tokens per KV cache block", kind=int)
+    kv_cache_bytes: int | None = setting(
+        None, "KV cache budget in bytes (default: 512 MiB on CPU, 60% of free memory on CUDA)", kind=int)
+    max_loras: int | None = setting(
+        None, "adapters resident (and running) at once, the device slots (default: as many as "
+        "--lora-slots-bytes holds at --max-lora-rank, at least 8 and at most --max-num-seqs)", kind=int)
+    lora_slots_bytes: int | None = setting(
+        None, "memory for adapter slots when --max-loras is unset (default: 1 GiB on CPU, 10% of free memory "
+        "on CUDA)", kind=int)
+    max_lora_rank: int = setting(64, "largest adapter rank accepted", kind=int)
+    target_modules: tuple[str, ...] = setting(
+        DEFAULT_TARGET_MODULES, "projections that adapters may target", separator=",")
+    adapter_roots: list[str] = setting(
+        [], "folder that requests may name local adapters from; repeatable", kind=_absolute_path,
+        separator=os.pathsep, flag="--adapter-root")
+    host_cache_bytes: int = setting(2 << 30, "host-memory budget for loaded adapters, in bytes", kind=int)
+    download_dir: str | None = setting(None, "where fetched adapters are stored (default: the cache folder)")
+    dtype: str = setting("auto", "auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA and on CPUs with "
+                         "AMX-BF16 or AVX512-BF16, else float32: bf16 is emulated and slower there)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    num_threads: int | None = setting(
+        None, "torch threads of the engine core (default: every core this process may use)", kind=int)
+    """The loop runs on the core process's main thread, where OpenMP parallel regions are cheap (on a
+    background thread they cost so much that one thread was faster: benchmarks/RESULTS.md)."""
+    s3_allow: list[str] = setting(
+        [], "s3://bucket/prefix that S3 adapter ids must lie under; repeatable (none: S3 adapters are off)",
+        separator=",")
+    max_adapter_bytes: int = setting(4 << 30, "largest adapter (all its files) one download may fetch", kind=int)
+    verified_token_ttl_s: float = setting(
+        600.0, "seconds a token the hub accepted for a private adapter (or a repo found public) is trusted",
+        kind=float)
+    trust_request_chat_template: bool = setting(
+        False, "let requests carry their own chat_template (rendered sandboxed, with budgets)", kind=_boolean)
+    max_prompts_per_request: int = setting(128, "most prompts in one completions request", kind=int)
+    max_sequences_per_request: int = setting(
+        256, "most sequences one request may start: prompts x max(n, best_of)", kind=int)
+    in_process: bool = setting(
+        False, "run the engine core on a thread of this process instead of its own process "
+        "(starts faster, for tests and debugging; shares this process's GIL and cores)", kind=_boolean)
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -93,12 +160,14 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def resolved_num_threads(self) -> int | None:
-        """Threads for the engine thread, or None to leave torch's setting alone."""
+    def resolved_num_threads(self) -> int:
+        """torch threads for the core's loop: `num_threads`, else the cores this process may use."""
         if self.num_threads is not None:
             return self.num_threads
-        small_cpu = self.resolved_device().type == "cpu" and (os.cpu_count() or 1) <= _SMALL_CPU_CORES
-        return 1 if small_cpu else None
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
@@ -124,6 +193,7 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in _REMOVED_FIELDS}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown engine config keys: {sorted(unknown)}")
@@ -131,21 +201,13 @@ class EngineConfig:
 
     def with_env_overrides(self) -> "EngineConfig":
         """Apply LORAX_<FIELD> environment variables (e.g. LORAX_MAX_LORAS=16)."""
-        updates: dict[str, Any] = {}
-        for f in fields(self):
-            raw = os.environ.get(f"LORAX_{f.name.upper()}")
-            if raw is None:
-                continue
-            current = getattr(self, f.name)
-            if isinstance(current, (list, tuple)):
-                updates[f.name] = [part for part in raw.split(os.pathsep if f.name == "adapter_roots" else ",") if part]
-            elif isinstance(current, bool):
-                updates[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif isinstance(current, float):
-                updates[f.name] = float(raw)
-            elif f.name in ("max_model_len", "kv_cache_bytes", "num_threads", "prefill_chunk_tokens", "max_loras",
-                            "lora_slots_bytes") or isinstance(current, int):
-                updates[f.name] = int(raw)
-            else:
-                updates[f.name] = raw
-        return EngineConfig(**{**asdict(self), **updates}) if updates else self
+        updates = {spec.name: spec.parse(os.environ[spec.env_var])
+                   for spec in engine_settings() if spec.env_var in os.environ}
+        return self.with_overrides(updates)
+
+    def with_overrides(self, updates: dict[str, Any]) -> "EngineConfig":
+        """A copy with some fields replaced (unknown names are an error)."""
+        unknown = set(updates) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {sorted(unknown)}")
+        return replace(self, **updates) if updates else self

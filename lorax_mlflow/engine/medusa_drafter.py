@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorax_mlflow.adapters.weights import MedusaHeads
+from lorax_mlflow.lora.weights import MedusaHeads
 
 
 def medusa_hidden(x: torch.Tensor, heads: MedusaHeads, num_heads: int) -> torch.Tensor:

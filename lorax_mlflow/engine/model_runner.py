@@ -1,5 +1,7 @@
 """Tensors only: loads the transformers model with multi-LoRA layers and the paged KV cache, and
-runs one packed forward per step. Knows nothing about scheduling or requests."""
+runs one packed forward per step over the sequences the scheduler picked (engine/scheduled.py).
+It reads their tokens, block tables, adapter slots and prompt-logprob wish; it never sees the
+scheduler's queues, the block manager or requests."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from lorax_kernels import make_lora_meta
 from lorax_mlflow.engine.attention import register_paged_attention
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.context import attention_context, build_attention_context
-from lorax_mlflow.engine.scheduler import ScheduledSequence
+from lorax_mlflow.engine.scheduled import ScheduledSequence
 from lorax_mlflow.lora.inject import inject_multi_lora, lora_slot_bytes
 from lorax_mlflow.lora.routing import LoraRouting, lora_routing
 

@@ -17,7 +17,6 @@ the others sample from its last-token logits in the step that completes the prom
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,7 +24,7 @@ from typing import Protocol
 from lorax_mlflow.engine.block_manager import BlockManager
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.prefill_budget import PrefillBudget
-from lorax_mlflow.engine.request import Request
+from lorax_mlflow.engine.scheduled import ScheduledSequence
 from lorax_mlflow.engine.sequence import Sequence, SequenceStatus
 from lorax_mlflow.errors import LoraxError
 
@@ -40,22 +39,11 @@ class AdapterSlots(Protocol):
 
 
 @dataclass
-class ScheduledSequence:
-    seq: Sequence
-    num_new_tokens: int
-    """Tokens fed this step; 0 for a sibling that reuses its parent's prefill logits."""
-    logits_from: Sequence | None = None
-    """For a sibling sharing its parent's prefill: whose last-token logits it samples from."""
-    samples: bool = True
-    """Whether this step produces a token for the sequence; False for a prefill chunk that does
-    not reach the end of the sequence's tokens (it only fills the KV cache)."""
-
-
-@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-    failed: list[tuple[Request, LoraxError]] = field(default_factory=list)
+    failed: list[tuple[str, LoraxError]] = field(default_factory=list)
+    """(request id, error) of requests that cannot run (their adapter failed to load)."""
     num_decode_tokens: int = 0
     num_prefill_tokens: int = 0
 
@@ -94,8 +82,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(list(request.sequences))
+    def add(self, sequences: list[Sequence]) -> None:
+        """Queue a new request's sequences, admitted together."""
+        self.waiting.append(list(sequences))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -154,7 +143,7 @@ class Scheduler:
         skipped: list[list[Sequence]] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             group = self.waiting.popleft()
-            if group[0].request.finished or all(s.is_finished for s in group):
+            if all(s.is_finished for s in group):
                 continue
             head = group[0]
             if len(self.running) + len(group) > self.config.max_num_seqs or not self.block_manager.can_allocate(head):
@@ -163,7 +152,7 @@ class Scheduler:
             try:
                 slots = self._acquire_slots(group)
             except LoraxError as error:
-                out.failed.append((head.request, error))
+                out.failed.append((head.request_id, error))
                 continue
             if slots is None:
                 skipped.append(group)  # adapter still loading: let the others through
@@ -177,14 +166,11 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
             self.prefilling[head] = group[1:]
-            request = head.request
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = time.time()
             budget -= self._schedule_chunk(out, head, budget)
         self.waiting.extendleft(reversed(skipped))
 
     def _acquire_slots(self, group: list[Sequence]) -> list[int] | None:
-        key = group[0].request.adapter_key
+        key = group[0].adapter_key
         slots: list[int] = []
         for _ in group:
             slot = self.adapter_slots.acquire(key)
@@ -225,8 +211,9 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def abort(self, request: Request, reason: str = "abort") -> None:
-        for seq in request.sequences:
+    def abort(self, sequences: list[Sequence], reason: str = "abort") -> None:
+        """Finish `sequences` (one request's, or some of them) and drop them from the queue."""
+        for seq in sequences:
             if not seq.is_finished:
                 self.finish(seq, reason)
-        self.waiting = deque(g for g in self.waiting if g[0].request is not request)
+        self.waiting = deque(g for g in self.waiting if not all(s.is_finished for s in g))

@@ -5,14 +5,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lorax_mlflow.engine.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from lorax_mlflow.engine.request import Request
 
 _ids = itertools.count()
 
@@ -31,11 +28,12 @@ class Sequence:
     feeds ``token_ids[num_cached_tokens:]``. Preemption (recompute) resets it to 0.
     """
 
-    request: "Request"
-    index: int
+    request_id: str
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
+    adapter_key: str | None = None
+    """Cache key of the request's adapter, None for the base model."""
     generator: torch.Generator | None = None
     grammar: Any = None
     seq_id: int = field(default_factory=lambda: next(_ids))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorax_mlflow.adapters.weights import LoraWeights, MedusaHeads
+from lorax_mlflow.lora.weights import LoraWeights, MedusaHeads
 from lorax_mlflow.lora.layers import LoraSlice
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,6 @@ class DeviceSlots:
     @property
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).device
-
-    @property
-    def num_pinned(self) -> int:
-        return sum(1 for r in self.refs if r > 0)
 
     def lookup(self, key: str) -> int | None:
         slot = self.resident.get(key)

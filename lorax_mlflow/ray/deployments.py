@@ -64,9 +64,7 @@ class LoraxReplica:
         os.environ.update(engine_env or {})  # LORAX_* engine overrides, read when the engine is built
         from lorax_mlflow.server import create_app, load_served_model
         from lorax_mlflow.server.adapter_admin import preload_adapters as preload
-        from lorax_mlflow.server.model_source import prime_torch_threads
 
-        prime_torch_threads()
         if model_uri is None:
             from lorax_mlflow.cli import default_model_path
 

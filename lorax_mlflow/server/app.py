@@ -49,8 +49,12 @@ def create_app(source: ModelSource, *, admin_token: str | None = None, max_reque
 
     @app.get("/health", tags=["Operations"], responses={**ok(Health), 503: {"model": Health, "description": "loading"}})
     async def health():
-        """200 once the model is loaded; 503 while it loads (or if loading failed)."""
+        """200 once the model is loaded and its engine core runs; 503 while it loads, if loading failed,
+        or while the engine core is down (the next generation request starts a new one)."""
         if holder.ready:
+            down = holder.service.engine.health
+            if down is not None:
+                return JSONResponse({"status": "engine_down", "error": down}, status_code=503)
             return {"status": "ok"}
         if holder.load_error is not None:
             return JSONResponse({"status": "failed", "error": str(holder.load_error)}, status_code=503)

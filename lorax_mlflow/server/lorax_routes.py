@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from lorax_mlflow.engine.stream import RequestStream
+from lorax_mlflow import tracing
+from lorax_mlflow.client.stream import RequestStream
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unless_disconnected
 from lorax_mlflow.server.errors import lorax_error_body
@@ -38,35 +39,41 @@ def lorax_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
 
     async def start(body: GenerateRequest, request: Request, route: str, stream: bool):
         record = metrics.request(route)
+        trace = tracing.start_request(route, body.to_body())
         try:
             service = holder.service
-            prepared = await off_loop(_prepare, service, body, stream, bearer_token(request))
+            with trace.template():
+                prepared = await off_loop(_prepare, service, body, stream, bearer_token(request))
             record.adapter = prepared.adapter.adapter_id or "base"
             handle = await off_loop(service.submit, prepared, running_loop())
         except LoraxError as error:
             record.close(error.status)
+            trace.fail(error)
             raise
         formatter = LoraxFormatter(
             service.templates.tokenizer_for(prepared.adapter.folder), service.engine.eos_token_ids, prepared.params,
             alternatives=body.parameters.return_k_alternatives,
             prompt_text=body.inputs if body.parameters.return_full_text else None,
         )
-        return record, handle, formatter
+        return record, handle, formatter, trace
 
     async def generate_response(body: GenerateRequest, request: Request, route: str) -> dict[str, Any]:
-        record, handle, formatter = await start(body, request, route, stream=False)
+        record, handle, formatter, trace = await start(body, request, route, stream=False)
         try:
             output = await unless_disconnected(request, handle.aresult())
         except LoraxError as error:
             record.close(error.status)
+            trace.fail(error)
             raise
         record.output(output)
         record.close(200)
-        return formatter.response(output, details=body.parameters.details)
+        response = formatter.response(output, details=body.parameters.details)
+        trace.finish(output, response)
+        return response
 
     async def stream_response(body: GenerateRequest, request: Request, route: str) -> StreamingResponse:
-        record, handle, formatter = await start(body, request, route, stream=True)
-        return StreamingResponse(_token_events(handle, formatter, record, details=body.parameters.details),
+        record, handle, formatter, trace = await start(body, request, route, stream=True)
+        return StreamingResponse(_token_events(handle, formatter, record, trace, details=body.parameters.details),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     @router.post("/generate", responses={**ok(GenerateResponse), **errors(LoraxErrorResponse)})
@@ -92,7 +99,8 @@ def lorax_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
 
 
 async def _token_events(
-    handle: RequestStream, formatter: LoraxFormatter, record: RequestRecord, *, details: bool
+    handle: RequestStream, formatter: LoraxFormatter, record: RequestRecord, trace: tracing.RequestTrace, *,
+    details: bool,
 ) -> AsyncIterator[str]:
     """Each token event is held until the next arrives, so the last one can carry generated_text."""
     status = 499
@@ -109,13 +117,17 @@ async def _token_events(
                     pending = event
                 if output.finished:
                     record.output(output)
+                    trace.finish(output)
                     if pending is not None:
                         yield sse_event(formatter.finish_stream(pending, output, details=details))
                     pending = None
             status = 200
         except LoraxError as error:
             status = error.status
+            trace.fail(error)
             yield sse_event(lorax_error_body(error))
     finally:
+        if status == 499:
+            trace.fail(ConnectionAbortedError("the client left before the end of the stream"))
         handle.abort()
         record.close(status)

@@ -22,30 +22,21 @@ class ServedModel:
     (schema enforcement included). None when serving a bare LoraxService."""
 
 
-def load_served_model(model_uri: str, model_config: dict[str, Any] | None = None) -> ServedModel:
-    """Load an MLflow LoraxChatModel in this process (local path, runs:/, models:/name@alias, ...)."""
+def load_served_model(model_uri: str, model_config: dict[str, Any] | None = None,
+                      engine_overrides: dict[str, Any] | None = None) -> ServedModel:
+    """Load an MLflow LoraxChatModel in this process (local path, runs:/, models:/name@alias, ...);
+    `engine_overrides` replace EngineConfig fields of the model's config (the serve flags)."""
     import mlflow
 
     from lorax_mlflow.chat_model import unwrap_chat_model
+    from lorax_mlflow.loading import engine_overrides as overriding
 
-    pyfunc_model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
+    with overriding(**(engine_overrides or {})):
+        pyfunc_model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     return ServedModel(unwrap_chat_model(pyfunc_model).service, pyfunc_model.predict)
 
 
 ModelSource = LoraxService | ServedModel | Callable[[], ServedModel]
-
-
-def prime_torch_threads() -> None:
-    """Run one small parallel torch op on the calling (main) thread.
-
-    Measured on CPU: when the first parallel torch work of a process happens on a background
-    thread (our loader), every later engine step runs ~10x slower; one op on the main thread first
-    avoids it. Costs a millisecond.
-    """
-    import torch
-
-    square = torch.ones(256, 256)
-    torch.nn.functional.linear(square, square).sum()
 
 
 class ModelHolder:
@@ -62,7 +53,6 @@ class ModelHolder:
             self._model = source
         else:
             self._loader = source
-            prime_torch_threads()
 
     def start_loading(self) -> None:
         if self._loader is not None and self._thread is None:

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from lorax_mlflow import openai_format
+from lorax_mlflow import openai_format, tracing
 from lorax_mlflow.engine.outputs import RequestOutput
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unless_disconnected
@@ -59,15 +59,18 @@ async def _finals(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int)
 def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
     router = APIRouter(tags=["OpenAI"])
 
-    async def prepare(record: RequestRecord, make: Any) -> tuple[LoraxService, list[PreparedRequest], list]:
+    async def prepare(record: RequestRecord, make: Any, trace: tracing.RequestTrace
+                      ) -> tuple[LoraxService, list[PreparedRequest], list]:
         try:
             service = holder.service
-            prepared = await off_loop(make, service)
+            with trace.template():
+                prepared = await off_loop(make, service)
             prepared = prepared if isinstance(prepared, list) else [prepared]
             record.adapter = prepared[0].adapter.adapter_id or "base"
             streams = await _submit_all(service, prepared)
         except LoraxError as error:
             record.close(error.status)
+            trace.fail(error)
             raise
         return service, prepared, streams
 
@@ -76,45 +79,53 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         _log_ignored(body, "chat")
         record = metrics.request("chat")
         token = bearer_token(request)
+        fields = body.to_body()
+        trace = tracing.start_request("chat.completions", fields)
         service, (prepared,), streams = await prepare(
-            record, lambda s: s.prepare_chat(body.to_body(), model_field=body.model, bearer_token=token)
+            record, lambda s: s.prepare_chat(fields, model_field=body.model, bearer_token=token), trace
         )
         created = int(time.time())
         tokenizer = service.engine.tokenizer
         if body.stream:
             return StreamingResponse(
-                _chat_events(merged(streams), prepared, created, _include_usage(body), tokenizer, record),
+                _chat_events(merged(streams), prepared, created, _include_usage(body), tokenizer, record, trace),
                 media_type="text/event-stream", headers=SSE_HEADERS,
             )
         try:
             (output,) = await unless_disconnected(request, _finals(merged(streams), 1))
         except LoraxError as error:
             record.close(error.status)
+            trace.fail(error)
             raise
         record.output(output)
         record.close(200)
-        return openai_format.chat_completion(output, model=prepared.model, created=created, tokenizer=tokenizer,
-                                             tools=prepared.tools)
+        response = openai_format.chat_completion(output, model=prepared.model, created=created, tokenizer=tokenizer,
+                                                 tools=prepared.tools)
+        trace.finish(output, response)
+        return response
 
     @router.post("/v1/completions", responses={**ok(Completion, streams=True), **errors(OpenAIErrorResponse)})
     async def completions(body: CompletionRequest, request: Request):
         _log_ignored(body, "completions")
         record = metrics.request("completions")
         token = bearer_token(request)
+        fields = body.to_body()
+        trace = tracing.start_request("completions", fields)
         service, prepared, streams = await prepare(
-            record, lambda s: s.prepare_completions(body.to_body(), model_field=body.model, bearer_token=token)
+            record, lambda s: s.prepare_completions(fields, model_field=body.model, bearer_token=token), trace
         )
         created = int(time.time())
         tokenizer = service.engine.tokenizer
         if body.stream:
             return StreamingResponse(
-                _completion_events(merged(streams), prepared, body, created, tokenizer, record),
+                _completion_events(merged(streams), prepared, body, created, tokenizer, record, trace),
                 media_type="text/event-stream", headers=SSE_HEADERS,
             )
         try:
             finals = await unless_disconnected(request, _finals(merged(streams), len(streams)))
         except LoraxError as error:
             record.close(error.status)
+            trace.fail(error)
             raise
         choices = []
         n = prepared[0].params.n
@@ -126,7 +137,9 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
                     prompt_text=item.prompt_text, prompt_logprobs=output.prompt_logprobs, suffix=body.suffix,
                 ))
         record.close(200)
-        return text_completion(finals[0].request_id, prepared[0].model, created, choices, summed_usage(finals))
+        response = text_completion(finals[0].request_id, prepared[0].model, created, choices, summed_usage(finals))
+        trace.finish(finals[0], response)
+        return response
 
     @router.get("/v1/models", responses={**ok(ModelList), **errors(OpenAIErrorResponse)})
     async def models():
@@ -150,6 +163,7 @@ async def _chat_events(
     include_usage: bool,
     tokenizer,
     record: RequestRecord,
+    trace: tracing.RequestTrace,
 ) -> AsyncIterator[str]:
     status = 499  # client closed the stream before the end
     deltas = openai_format.ChatDeltas(tokenizer, prepared.tools)
@@ -163,6 +177,7 @@ async def _chat_events(
                     yield sse_event(openai_format.chat_chunk(output.request_id, prepared.model, created, choices))
             assert last is not None
             record.output(last)
+            trace.finish(last)
             if include_usage:
                 yield sse_event(openai_format.chat_chunk(
                     last.request_id, prepared.model, created, [], openai_format.usage(last)
@@ -170,9 +185,12 @@ async def _chat_events(
             status = 200
         except LoraxError as error:
             status = error.status
+            trace.fail(error)
             yield sse_event(error.to_openai())
         yield DONE
     finally:
+        if status == 499:
+            trace.fail(ConnectionAbortedError("the client left before the end of the stream"))
         record.close(status)
 
 
@@ -183,6 +201,7 @@ async def _completion_events(
     created: int,
     tokenizer,
     record: RequestRecord,
+    trace: tracing.RequestTrace,
 ) -> AsyncIterator[str]:
     status = 499
     n = prepared[0].params.n
@@ -211,13 +230,17 @@ async def _completion_events(
                     record.output(output)
                 if choices:
                     yield sse_event(text_completion(request_id, prepared[0].model, created, choices, None))
+            trace.finish(finals[0])
             if _include_usage(body):
                 ordered = [finals[i] for i in range(len(prepared))]
                 yield sse_event(text_completion(request_id, prepared[0].model, created, [], summed_usage(ordered)))
             status = 200
         except LoraxError as error:
             status = error.status
+            trace.fail(error)
             yield sse_event(error.to_openai())
         yield DONE
     finally:
+        if status == 499:
+            trace.fail(ConnectionAbortedError("the client left before the end of the stream"))
         record.close(status)

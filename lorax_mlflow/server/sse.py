@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from lorax_mlflow.engine.outputs import RequestOutput
-from lorax_mlflow.engine.stream import RequestStream
+from lorax_mlflow.client.stream import RequestStream
 from lorax_mlflow.errors import LoraxError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,1 @@
+"""The engine client side: tokenizer, validation, output processing and streams (see engine_client)."""
