@@ -152,6 +152,23 @@ class AdapterCache:
         if future is not None:
             future.result(timeout=timeout)
 
+    def load_now(self, request: AdapterRequest) -> LoraWeights:
+        """Resolve, fetch and load an adapter on this thread and return its weights (engine start-up)."""
+        resolved = self.resolve(request)
+        if resolved.key is None:
+            raise AdapterValidationError(f"{request.adapter_id!r} names the base model, not an adapter")
+        self.wait_loaded(resolved)
+        weights = self._host_weights(resolved.key)
+        assert weights is not None, "a finished load is in host memory"
+        return weights
+
+    def adapter_id_of(self, key: str | None) -> str:
+        """The adapter id a cache key's requests name ("" for the base model)."""
+        if key is None:
+            return ""
+        with self._lock:
+            return self._key_ids.get(key, key)
+
     def known_adapter_ids(self) -> list[str]:
         """Packaged adapters and fetched ones (by canonical id), leaving out those that failed to load."""
         with self._lock:

@@ -35,6 +35,9 @@ class SequenceState:
     pending_text: str = ""
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    """Speculative draft tokens verified so far, and how many were accepted."""
+    num_accepted_draft_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -80,6 +83,8 @@ class RequestState:
                 delta_text=seq.pending_text if self.streams_deltas else text,
                 delta_token_ids=seq.pending_token_ids if self.streams_deltas else list(seq.token_ids),
                 delta_logprobs=seq.pending_logprobs if self.streams_deltas else list(seq.logprobs),
+                num_draft_tokens=seq.num_draft_tokens,
+                num_accepted_draft_tokens=seq.num_accepted_draft_tokens,
             ))
             seq.pending_text, seq.pending_token_ids, seq.pending_logprobs = "", [], []
         return RequestOutput(
@@ -186,6 +191,8 @@ class OutputProcessor:
         """True when a stop string finished the sequence before the core did."""
         if seq.finished:
             return False  # tokens the core generated before it heard of the stop string
+        seq.num_draft_tokens += delta.draft_tokens
+        seq.num_accepted_draft_tokens += delta.accepted_draft_tokens
         for i, token in enumerate(delta.token_ids):
             seq.token_ids.append(token)
             seq.cumulative_logprob += delta.logprobs[i]

@@ -54,23 +54,22 @@ class BlockManager:
                 self.free_blocks.append(block)
         seq.block_table = []
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether `seq` can grow by one token (may need one new or one copied block)."""
-        position = seq.num_tokens - 1
-        if position // self.block_size >= len(seq.block_table):
-            return self.num_free_blocks >= 1
-        last = seq.block_table[position // self.block_size]
-        return self.ref_counts[last] == 1 or self.num_free_blocks >= 1
+    def can_append(self, seq: Sequence, num_drafts: int = 0) -> bool:
+        """Whether `seq` can grow by one token plus `num_drafts` speculative ones (new blocks, and a copy
+        of its last block if that one is shared)."""
+        first = (seq.num_tokens - 1) // self.block_size
+        new = blocks_needed(seq.num_tokens + num_drafts, self.block_size) - len(seq.block_table)
+        shared = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
+        return max(new, 0) + shared <= self.num_free_blocks
 
-    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
-        """Make room for the token at position ``num_tokens - 1``.
+    def append_slot(self, seq: Sequence, num_drafts: int = 0) -> tuple[int, int] | None:
+        """Make room for the token at position ``num_tokens - 1`` and `num_drafts` draft tokens after it.
 
         Returns ``(src_block, dst_block)`` when a shared block had to be copied, else None.
         """
-        index = (seq.num_tokens - 1) // self.block_size
-        if index >= len(seq.block_table):
+        while len(seq.block_table) < blocks_needed(seq.num_tokens + num_drafts, self.block_size):
             seq.block_table.append(self._take())
-            return None
+        index = (seq.num_tokens - 1) // self.block_size
         block = seq.block_table[index]
         if self.ref_counts[block] == 1:
             return None
@@ -78,3 +77,16 @@ class BlockManager:
         copy = self._take()
         seq.block_table[index] = copy
         return block, copy
+
+    def release_draft_blocks(self, seq: Sequence) -> None:
+        """Speculation rollback: free the blocks past ``num_tokens`` that held only rejected drafts' K/V.
+
+        Stale K/V of rejected drafts inside a kept block is harmless: attention reads only a
+        sequence's first ``num_tokens`` positions, and the next tokens overwrite those slots.
+        """
+        keep = blocks_needed(seq.num_tokens, self.block_size)
+        for block in seq.block_table[keep:]:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+        del seq.block_table[keep:]

@@ -143,6 +143,16 @@ class EngineConfig:
     in_process: bool = setting(
         False, "run the engine core on a thread of this process instead of its own process "
         "(starts faster, for tests and debugging; shares this process's GIL and cores)", kind=_boolean)
+    speculative_adapter: str | None = setting(
+        None, "Medusa (or LoRA+Medusa) adapter id whose heads draft for requests that name no Medusa adapter "
+        "(only its heads are used for them, never its LoRA)")
+    speculative_tokens: int = setting(
+        0, "draft tokens per step: with Medusa heads at most this many (0: one per head); without, prompt "
+        "lookup (n-gram match in the prompt and output so far) drafts this many (0: off)", kind=int)
+    speculative_max_batch_size: int = setting(
+        8, "no speculation while more sequences than this decode: verifying drafts multiplies a step's tokens, "
+        "which pays only while a step costs about the same for 1 or K + 1 tokens per sequence "
+        "(benchmarks/speculative.py)", kind=int)
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -154,6 +164,8 @@ class EngineConfig:
         if self.prefill_chunk_cost_ratio <= 0:
             raise ValueError("prefill_chunk_cost_ratio must be positive")
         self.s3_allow = [str(entry) for entry in self.s3_allow]
+        if self.speculative_tokens < 0 or self.speculative_max_batch_size < 0:
+            raise ValueError("speculative_tokens and speculative_max_batch_size must not be negative")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from lorax_mlflow.engine.sampler import Sampler
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.engine.scheduler import Scheduler
 from lorax_mlflow.engine.sequence import Sequence
+from lorax_mlflow.engine.speculative import Speculator, VerifiedRow
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.lora.slots import DeviceSlots
 
@@ -51,6 +52,9 @@ class EngineStats:
     adapters_in_slots: int
     num_steps: int
     """Forward steps run since the core started."""
+    speculative_draft_tokens: dict[str, int] = field(default_factory=dict)
+    """Draft tokens verified, by adapter id ("" = base-model requests)."""
+    speculative_accepted_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class EngineCore:
@@ -91,6 +95,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.config, self.block_manager, self.adapters)
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, self.runner.device)
+        self.speculator = self._speculator()
         self._grammars: Any = None
         self._grammar_lock = threading.Lock()
         self._requests: dict[str, Request] = {}
@@ -121,6 +126,22 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def _speculator(self) -> Speculator:
+        default_heads = None
+        if self.config.speculative_adapter:
+            weights = self.adapters.load_now(AdapterRequest(self.config.speculative_adapter))
+            if weights.medusa is None:
+                raise ValueError(f"speculative_adapter {self.config.speculative_adapter!r} has no Medusa heads")
+            default_heads = weights.medusa.to(self.runner.device)
+        return Speculator(
+            self.config.speculative_tokens,
+            self.config.speculative_max_batch_size,
+            self.slots.medusa,
+            default_heads,
+            self.runner.model.get_output_embeddings().weight[: self.vocab_size],
+            self.runner.max_model_len,
+        )
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
@@ -129,6 +150,8 @@ class EngineCore:
             kv_blocks_free=self.block_manager.num_free_blocks,
             adapters_in_slots=len(self.slots.resident),
             num_steps=self.num_steps,
+            speculative_draft_tokens=dict(self.speculator.counters.proposed),
+            speculative_accepted_tokens=dict(self.speculator.counters.accepted),
         )
 
     def utility(self, method: str, args: list[Any]) -> Any:
@@ -246,13 +269,18 @@ class EngineCore:
                 self._delta(deltas, request).first_scheduled_time = now
         self.num_steps += 1
         self.runner.copy_blocks(out.block_copies)
-        logits = self.runner.execute(out.scheduled, self.slots.ranks)
+        seqs = [item.seq for item in out.sampling]  # a prefill chunk short of the prompt's end samples nothing
+        logits = self.runner.execute(out.scheduled, self.slots.ranks, self.speculator.needs_hidden(seqs))
         for item in out.scheduled:
             if item.seq.seq_id in logits.prompt:
                 self._add_prompt_logprobs(item.seq, *logits.prompt[item.seq.seq_id])
-        seqs = [item.seq for item in out.sampling]  # a prefill chunk short of the prompt's end samples nothing
-        if seqs:
-            self._sample(seqs, logits.last, deltas)
+        plain = [row for row, seq in enumerate(seqs) if seq.seq_id not in logits.drafts]
+        if plain:
+            rows = plain if len(plain) < len(seqs) else slice(None)
+            self._sample([seqs[row] for row in plain], logits.last[rows], deltas)
+        accepted = self._accept_drafts([seq for seq in seqs if seq.seq_id in logits.drafts], logits.drafts, deltas)
+        if self.speculator.enabled:
+            self.speculator.propose(seqs, logits.hidden, accepted, len(self.scheduler.running))
         for request_id in deltas:
             request = self._requests.get(request_id)
             if request is not None and request.finished:
@@ -268,15 +296,47 @@ class EngineCore:
         if sampled.top_ids is not None:
             top_ids, top_logprobs = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
         for row, seq in enumerate(seqs):
-            request = self._requests[seq.request_id]
-            delta = self._delta(deltas, request)
-            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
-                request.prompt_logprobs_sent = True  # complete: the prompt's last chunk ran
-                delta.prompt_logprobs = request.prompt_logprobs
             k = seq.params.logprobs or 0
             top = [list(zip(top_ids[row][:k], top_logprobs[row][:k]))] if k and top_ids is not None else None
-            reason = self._append_token(seq, tokens[row], chosen[row])
-            delta.sequences.append(SequenceDelta(request.index_of(seq), [tokens[row]], [chosen[row]], top, reason))
+            self._emit_tokens(seq, VerifiedRow([tokens[row]], [chosen[row]], top, 0, 0), deltas)
+
+    def _accept_drafts(
+        self, seqs: list[Sequence], logits: dict[int, torch.Tensor], deltas: dict[str, RequestDelta]
+    ) -> dict[int, int]:
+        """Verify the drafts `seqs` fed, emit what each keeps, roll back the KV of the rejected drafts.
+
+        Returns seq_id -> drafts accepted (the Medusa heads draft next from that position).
+        """
+        if not seqs:
+            return {}
+        accepted = {}
+        for seq, verified in zip(seqs, self.speculator.verify(self.sampler, seqs, [logits[s.seq_id] for s in seqs])):
+            self.speculator.counters.add(self.adapters.adapter_id_of(seq.adapter_key), verified.num_drafts,
+                                         verified.num_accepted)
+            accepted[seq.seq_id] = verified.num_accepted
+            self._emit_tokens(seq, verified, deltas)
+            if not seq.is_finished:
+                seq.num_cached_tokens = seq.num_tokens - 1  # K/V of the emitted tokens but the last
+                self.block_manager.release_draft_blocks(seq)
+        return accepted
+
+    def _emit_tokens(self, seq: Sequence, row: VerifiedRow, deltas: dict[str, RequestDelta]) -> None:
+        """Append a step's tokens for `seq` (one, or several after speculation) until it finishes."""
+        request = self._requests[seq.request_id]
+        delta = self._delta(deltas, request)
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            request.prompt_logprobs_sent = True  # complete: the prompt's last chunk ran
+            delta.prompt_logprobs = request.prompt_logprobs
+        reason, count = None, 0
+        for token, logprob in zip(row.token_ids, row.logprobs):
+            count += 1
+            reason = self._append_token(seq, token, logprob)
+            if reason is not None:
+                break
+        delta.sequences.append(SequenceDelta(
+            request.index_of(seq), row.token_ids[:count], row.logprobs[:count],
+            row.top[:count] if row.top else None, reason, row.num_drafts, row.num_accepted,
+        ))
 
     @staticmethod
     def _delta(deltas: dict[str, RequestDelta], request: Request) -> RequestDelta:

@@ -35,7 +35,8 @@ def draft_medusa(
     """Each row's top-1 draft chain: `num_tokens[i]` tokens from `heads_per_row[i]` at `hidden[i]`.
 
     hidden [N, hidden_size]: the last hidden state (after the final norm) of each row's last accepted
-    token. lm_head [vocab, hidden_size]: the base model's output projection.
+    token. lm_head [vocab, hidden_size]: the base model's output projection, cut to the tokens the
+    sampler can emit (a padded vocabulary's extra rows are never drafted).
     """
     drafts: list[list[int]] = [[] for _ in heads_per_row]
     groups: dict[int, list[int]] = {}
@@ -50,7 +51,8 @@ def draft_medusa(
         k = min(max(num_tokens[row] for row in rows), heads.num_heads)
         states = medusa_hidden(hidden[rows], heads, k)  # [R, k, hidden]
         if heads.out_w is not None:
-            tokens = torch.einsum("rkh,kvh->rkv", states, heads.out_w[:k].to(states.dtype)).argmax(dim=-1)
+            out_w = heads.out_w[:k, : lm_head.shape[0]].to(states.dtype)  # only tokens the sampler can emit
+            tokens = torch.einsum("rkh,kvh->rkv", states, out_w).argmax(dim=-1)
             _take(drafts, rows, tokens.tolist(), [min(num_tokens[row], k) for row in rows])
         else:
             shared_rows.extend(rows)

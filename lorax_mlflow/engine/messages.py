@@ -129,6 +129,9 @@ class SequenceDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     top: list[TopLogprobs] | None = None
     """Per new token its top alternatives, when the request asked for `logprobs` > 0."""
     finish_reason: str | None = None
+    draft_tokens: int = 0
+    """Speculative draft tokens verified in this step, and how many of them were accepted."""
+    accepted_draft_tokens: int = 0
 
 
 class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -35,6 +35,12 @@ class StepLogits:
     """[number of sampling items, V] logits of the last token of each scheduled item that samples
     (`ScheduledSequence.samples`), in schedule order; siblings share their parent's values."""
     prompt: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    drafts: dict[int, torch.Tensor] = field(default_factory=dict)
+    """seq_id -> [1 + drafts, V] logits after the last token and after each draft, for sequences that
+    fed speculative tokens."""
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    """seq_id -> [kept positions, hidden] last hidden states (the lm_head's input) at the logits kept for
+    the sequence, when asked for (Medusa heads draft from them); siblings get their parent's."""
     """seq_id -> (position of the first fed token, [num_new_tokens, V] logits at every fed position),
     for sequences that asked for prompt logprobs and fed prompt tokens this step."""
 
@@ -111,10 +117,13 @@ class ModelRunner:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence], slot_ranks: list[int]) -> StepLogits:
+    def execute(
+        self, scheduled: list[ScheduledSequence], slot_ranks: list[int], keep_hidden: bool = False
+    ) -> StepLogits:
         """One packed forward over the new tokens of `scheduled`; `slot_ranks[slot]` = adapter rank per slot.
 
         One-token rows (decodes) are packed first, then the prefill chunks, as the attention expects.
+        A sequence with draft tokens feeds them after its last token and keeps the logits at each.
         """
         fed = sorted((item for item in scheduled if item.num_new_tokens > 0), key=lambda item: item.num_new_tokens > 1)
         input_ids: list[int] = []
@@ -123,19 +132,24 @@ class ModelRunner:
         keep: list[int] = []
         last_row: dict[int, int] = {}
         prompt_rows: dict[int, tuple[int, range]] = {}
+        kept_rows: dict[int, range] = {}
         for item in fed:
-            seq, count = item.seq, item.num_new_tokens
+            seq, count, drafts = item.seq, item.num_new_tokens, item.draft_token_ids
             start = seq.num_cached_tokens
             offset = len(input_ids)
-            input_ids.extend(seq.token_ids[start : start + count])
+            first_kept = len(keep)
+            input_ids.extend(seq.token_ids[start : start + count - len(drafts)] + drafts)
             positions.extend(range(start, start + count))
             token_slots.extend([seq.lora_slot] * count)
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 prompt_rows[seq.seq_id] = (start, range(len(keep), len(keep) + count))
                 keep.extend(range(offset, offset + count))
+            elif drafts:
+                keep.extend(range(offset + count - len(drafts) - 1, offset + count))
             elif item.samples:
                 keep.append(offset + count - 1)
             last_row[seq.seq_id] = len(keep) - 1
+            kept_rows[seq.seq_id] = range(first_kept, len(keep))
 
         attn = build_attention_context(
             self.kv_cache,
@@ -154,8 +168,16 @@ class ModelRunner:
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         keep_index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        with attention_context(attn), lora_routing(routing):
-            logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep_index).logits[0]
+        captured: list[torch.Tensor] = []
+        hook = None
+        if keep_hidden:  # the lm_head's input is the last hidden state whatever the architecture
+            hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        try:
+            with attention_context(attn), lora_routing(routing):
+                logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep_index).logits[0]
+        finally:
+            if hook is not None:
+                hook.remove()
         logits = logits.float()
         for item in fed:
             item.seq.num_cached_tokens += item.num_new_tokens
@@ -163,7 +185,14 @@ class ModelRunner:
             if item.logits_from is not None:
                 item.seq.num_cached_tokens = item.seq.num_tokens
         rows = [last_row[(item.logits_from or item.seq).seq_id] for item in scheduled if item.samples]
+        hidden = {}
+        if captured:
+            states = captured[0][0]
+            hidden = {item.seq.seq_id: states[kept_rows[(item.logits_from or item.seq).seq_id]] for item in scheduled
+                      if item.samples}
         return StepLogits(
             last=logits[torch.tensor(rows, dtype=torch.long, device=self.device)],
             prompt={seq_id: (first, logits[r.start : r.stop]) for seq_id, (first, r) in prompt_rows.items()},
+            drafts={item.seq.seq_id: logits[kept_rows[item.seq.seq_id]] for item in fed if item.draft_token_ids},
+            hidden=hidden,
         )

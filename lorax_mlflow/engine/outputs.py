@@ -38,6 +38,9 @@ class CompletionOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    """Speculative draft tokens verified for this sequence so far, and how many were accepted."""
+    num_accepted_draft_tokens: int = 0
 
 
 @dataclass

@@ -5,7 +5,7 @@ Its own module so that the runner depends on this shape only, never on the sched
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorax_mlflow.engine.sequence import Sequence
 
@@ -20,3 +20,6 @@ class ScheduledSequence:
     samples: bool = True
     """Whether this step produces a token for the sequence; False for a prefill chunk that does
     not reach the end of the sequence's tokens (it only fills the KV cache)."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Speculative tokens fed after the sequence's last token (counted in `num_new_tokens`) for
+    the step to verify."""

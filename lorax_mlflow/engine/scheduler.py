@@ -112,6 +112,9 @@ class Scheduler:
                 break  # the rest decode next step
             if seq.status is not SequenceStatus.RUNNING or self._is_prefilling(seq):
                 continue  # preempted earlier in this loop, or not decoding yet
+            drafts = seq.draft_token_ids[: max(budget - out.num_decode_tokens - 1, 0)]
+            if drafts and not self.block_manager.can_append(seq, len(drafts)):
+                drafts = []  # speculation never costs a preemption
             while not self.block_manager.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -119,11 +122,12 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            copy = self.block_manager.append_slot(seq)
+            copy = self.block_manager.append_slot(seq, len(drafts))
             if copy is not None:
                 out.block_copies.append(copy)
-            out.scheduled.append(ScheduledSequence(seq, seq.num_tokens - seq.num_cached_tokens))
-            out.num_decode_tokens += 1
+            new_tokens = seq.num_tokens - seq.num_cached_tokens + len(drafts)
+            out.scheduled.append(ScheduledSequence(seq, new_tokens, draft_token_ids=drafts))
+            out.num_decode_tokens += 1 + len(drafts)
 
     def _schedule_chunk(self, out: SchedulerOutput, head: Sequence, budget: int) -> int:
         """Schedule the next prefill chunk of `head` (at most `budget` tokens); returns its size."""
@@ -189,6 +193,7 @@ class Scheduler:
             self._release(member)
             member.status = SequenceStatus.WAITING
             member.num_cached_tokens = 0
+            member.draft_token_ids = []
         self.waiting.appendleft(group)
 
     def _release(self, seq: Sequence) -> None:

@@ -41,6 +41,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     lora_slot: int = -1
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Speculative tokens proposed for the next step to verify (Medusa heads or prompt lookup)."""
     finish_reason: str | None = None
     cumulative_logprob: float = 0.0
 

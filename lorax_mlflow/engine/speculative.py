@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorax_mlflow.lora.weights import MedusaHeads
+from lorax_mlflow.engine.medusa_drafter import draft_medusa
+from lorax_mlflow.engine.prompt_lookup import propose_prompt_lookup
 from lorax_mlflow.engine.rejection_sampler import rejection_sample
 from lorax_mlflow.engine.sampling_params import SamplingParams
 
@@ -111,3 +114,82 @@ def verify(
         results.append(VerifiedRow(emitted[i][:n], chosen[cursor : cursor + n], top, len(drafts[i]), accepted[i]))
         cursor += n
     return results
+
+
+class Speculator:
+    """Decides each decoding sequence's drafts for the next step and verifies the drafts fed in this one.
+
+    Called by the engine on its loop thread: :meth:`verify` on the rows that fed drafts, then
+    :meth:`propose` for every sequence that sampled, with the hidden states of the step when
+    :meth:`needs_hidden` said so.
+    """
+
+    def __init__(
+        self,
+        speculative_tokens: int,
+        max_batch_size: int,
+        medusa_of_slot: Seq[MedusaHeads | None],
+        default_heads: MedusaHeads | None,
+        lm_head: torch.Tensor,
+        max_model_len: int,
+    ) -> None:
+        self.speculative_tokens = speculative_tokens
+        self.max_batch_size = max_batch_size
+        self.medusa_of_slot = medusa_of_slot
+        """The device slots' Medusa heads, by slot (the list the slots update in place)."""
+        self.default_heads = default_heads
+        self.lm_head = lm_head
+        self.max_model_len = max_model_len
+        self.counters = SpeculationCounters()
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_tokens > 0 or self.default_heads is not None or any(self.medusa_of_slot)
+
+    def heads_for(self, seq) -> MedusaHeads | None:
+        own = self.medusa_of_slot[seq.lora_slot] if seq.lora_slot >= 0 else None
+        return own if own is not None else self.default_heads
+
+    def needs_hidden(self, seqs: Seq) -> bool:
+        return any(self.heads_for(seq) is not None for seq in seqs)
+
+    def verify(self, sampler, rows: Seq, logits: Seq[torch.Tensor]) -> list[VerifiedRow]:
+        """Verify the drafts the `rows` fed (their `draft_token_ids`), given each row's [1 + K, V] logits."""
+        return verify(sampler, torch.cat(list(logits)), rows, [row.draft_token_ids for row in rows])
+
+    def propose(self, seqs: Seq, hidden: dict[int, torch.Tensor], accepted: dict[int, int], num_decoding: int) -> None:
+        """Set each sequence's drafts for the next step (none when the batch is past the size limit).
+
+        `hidden`: seq_id -> hidden states at the kept positions of this step; `accepted`: seq_id ->
+        drafts accepted this step (its hidden state at that index is the last accepted token's).
+        """
+        off = num_decoding > self.max_batch_size
+        medusa_rows, medusa_heads, medusa_counts, states = [], [], [], []
+        for seq in seqs:
+            seq.draft_token_ids = []
+            if off or seq.is_finished:
+                continue
+            count = self._budget(seq)
+            heads = self.heads_for(seq)
+            if count <= 0:
+                continue
+            if heads is None:
+                seq.draft_token_ids = propose_prompt_lookup(seq.token_ids, count)
+            elif seq.seq_id in hidden:
+                medusa_rows.append(seq)
+                medusa_heads.append(heads)
+                medusa_counts.append(min(count, heads.num_heads))
+                states.append(hidden[seq.seq_id][accepted.get(seq.seq_id, -1)])
+        if medusa_rows:
+            drafts = draft_medusa(torch.stack(states), medusa_heads, medusa_counts, self.lm_head)
+            for seq, chain in zip(medusa_rows, drafts):
+                seq.draft_token_ids = chain
+
+    def _budget(self, seq) -> int:
+        """Drafts worth proposing: within max_tokens and the context window (the bonus token counts too)."""
+        if not can_speculate(seq.params, seq.grammar is not None):
+            return 0
+        heads = self.heads_for(seq)
+        wanted = self.speculative_tokens if heads is None else (self.speculative_tokens or heads.num_heads)
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+        return min(wanted, room)
