@@ -20,6 +20,7 @@ from packaging.version import Version
 
 import lorax_kernels
 import lorax_mlflow
+from lorax_mlflow.adapters.medusa_format import read_medusa_config
 from lorax_mlflow import __version__
 from lorax_mlflow.base_model import resolve_base_model
 from lorax_mlflow.engine.config import EngineConfig
@@ -86,8 +87,11 @@ def _save_kwargs(
 ) -> dict[str, Any]:
     adapters = dict(adapters or {})
     for name, path in adapters.items():
-        if not Path(path, "adapter_config.json").exists():
-            raise FileNotFoundError(f"adapter {name!r}: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        if not Path(path, "adapter_config.json").exists() and read_medusa_config(Path(path), name) is None:
+            raise FileNotFoundError(
+                f"adapter {name!r}: {path} is not a PEFT adapter folder (no adapter_config.json) "
+                "or a Medusa adapter (no config.json with medusa_num_heads)"
+            )
     artifacts = {ADAPTER_ARTIFACT_PREFIX + name: str(Path(path).resolve()) for name, path in adapters.items()}
     if embed_base_weights:
         artifacts[BASE_WEIGHTS_ARTIFACT] = str(resolve_base_model(base_model))

@@ -66,6 +66,7 @@ class LoraxFormatter:
             "seed": self.seed(choice.index),
             "prefill": self._prefill(output),
             "tokens": [self.token(t, e) for t, e in zip(choice.token_ids, entries)],
+            **speculation_details(choice),
         }
 
     def response(self, output: RequestOutput, *, details: bool) -> dict[str, Any]:
@@ -103,5 +104,17 @@ class LoraxFormatter:
                 "prompt_tokens": output.num_prompt_tokens,
                 "generated_tokens": len(choice.token_ids),
                 "seed": self.seed(0),
+                **speculation_details(choice),
             }
         return event
+
+
+def speculation_details(choice: CompletionOutput) -> dict[str, Any]:
+    """Draft tokens verified and accepted, and the acceptance rate, for a sequence that speculated."""
+    if not choice.num_draft_tokens:
+        return {}
+    return {
+        "draft_tokens": choice.num_draft_tokens,
+        "accepted_draft_tokens": choice.num_accepted_draft_tokens,
+        "acceptance_rate": choice.num_accepted_draft_tokens / choice.num_draft_tokens,
+    }

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lorax_mlflow.engine.outputs import RequestOutput
@@ -41,6 +41,15 @@ class _EngineCollector(Collector):
                                 value=stats.adapters_in_slots)
         yield GaugeMetricFamily("lorax_adapters_known", "Adapters known to the server (packaged or fetched)",
                                 value=len(engine.adapters.known_adapter_ids()))
+        for name, documentation, values in (
+            ("lorax_speculative_draft_tokens", "Speculative draft tokens proposed and verified",
+             stats.speculative_draft_tokens),
+            ("lorax_speculative_accepted_tokens", "Speculative draft tokens accepted", stats.speculative_accepted_tokens),
+        ):
+            family = CounterMetricFamily(name, documentation, labels=("adapter",))
+            for adapter, value in sorted(values.items()):
+                family.add_metric((adapter or BASE_LABEL,), value)
+            yield family
 
 
 class ServerMetrics:
