@@ -61,10 +61,10 @@ def timed_decode_steps(runner: ModelRunner, batch: int) -> Iterator[list[DecodeS
     execute = runner.execute
     steps: list[DecodeStep] = []
 
-    def timed(scheduled, slot_ranks):
+    def timed(scheduled, slot_ranks, *args, **kwargs):
         decoding = len(scheduled) == batch and all(item.num_new_tokens == 1 for item in scheduled)
         started = time.perf_counter()
-        logits = execute(scheduled, slot_ranks)
+        logits = execute(scheduled, slot_ranks, *args, **kwargs)
         if decoding:
             if runner.device.type == "cuda":
                 torch.cuda.synchronize(runner.device)

@@ -46,7 +46,7 @@ def record_steps(engine, monkeypatch) -> list[dict]:
     execute = engine.core.runner.execute
     manager = engine.core.block_manager
 
-    def recording_execute(scheduled, slot_ranks):
+    def recording_execute(scheduled, slot_ranks, *args, **kwargs):
         steps.append({
             "fed": [item.num_new_tokens for item in scheduled],
             "logits_from": [item.logits_from for item in scheduled],
@@ -54,7 +54,7 @@ def record_steps(engine, monkeypatch) -> list[dict]:
             "ref_counts": {b: manager.ref_counts[b] for item in scheduled for b in item.seq.block_table},
             "used": manager.num_blocks - manager.num_free_blocks,
         })
-        return execute(scheduled, slot_ranks)
+        return execute(scheduled, slot_ranks, *args, **kwargs)
 
     monkeypatch.setattr(engine.core.runner, "execute", recording_execute)
     return steps
