@@ -30,7 +30,7 @@ from lorax_mlflow.demo_adapters import ensure_demo_adapters
 from lorax_mlflow.demo_medusa import DEMO_MEDUSA_NAME, DEMO_MEDUSA_TASK, ensure_demo_medusa
 from lorax_mlflow.demo_tasks import training_pairs
 from lorax_mlflow.engine.config import EngineConfig
-from lorax_mlflow.engine.llm_engine import LLMEngine
+from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.engine.sampling_params import SamplingParams
 
 EXTRACTION_DOCUMENT = """Order 1041: 3 apples, 2 bananas, shipped to 12 Oak Street, Springfield.
@@ -58,20 +58,14 @@ class Run:
 
 
 class CountingEngine:
-    """An engine with its steps counted (the loop thread calls `step` through the instance)."""
+    """An engine (its core in its own process) whose forward steps are counted from its stats."""
 
     def __init__(self, config: EngineConfig, adapters: dict) -> None:
-        self.engine = LLMEngine(default_model_path(), config, named_adapters=adapters)
-        self.steps = 0
-        step = self.engine.step
+        self.engine = EngineClient(default_model_path(), config, named_adapters=adapters)
 
-        def counted() -> bool:
-            ran = step()
-            self.steps += ran
-            return ran
-
-        self.engine.step = counted
-        self.engine.start()
+    @property
+    def steps(self) -> int:
+        return self.engine.stats().num_steps
 
     def run(self, prompts: list[list[int]], adapter: str, max_tokens: int, concurrent: bool) -> Run:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -87,7 +81,7 @@ class CountingEngine:
         return Run(seconds, sum(len(o) for o in outputs), self.steps - steps_before, outputs)
 
 
-def chat_ids(engine: LLMEngine, text: str) -> list[int]:
+def chat_ids(engine: EngineClient, text: str) -> list[int]:
     return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                 tokenize=True, return_dict=False)
 
