@@ -285,7 +285,8 @@ class EngineCore:
             request = self._requests.get(request_id)
             if request is not None and request.finished:
                 del self._requests[request_id]
-        self.scheduler.record_step_time(out, time.perf_counter() - started)
+        if seqs:  # reading sampled tokens waits for the device: only such steps' times are real on CUDA
+            self.scheduler.record_step_time(out, time.perf_counter() - started)
         return EngineCoreOutputs(now, list(deltas.values())), True
 
     def _sample(self, seqs: list[Sequence], last_logits: torch.Tensor, deltas: dict[str, RequestDelta]) -> None:
