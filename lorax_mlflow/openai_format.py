@@ -11,8 +11,11 @@ from lorax_mlflow.tools import hermes
 from lorax_mlflow.tools.spec import ToolRequest
 
 
-def usage(output: RequestOutput) -> dict[str, int]:
-    prompt, completion = output.num_prompt_tokens, output.num_completion_tokens
+def usage(*outputs: RequestOutput) -> dict[str, int]:
+    """Token counts of a response: the sum over its engine requests (a completions request with
+    several prompts has one each)."""
+    prompt = sum(o.num_prompt_tokens for o in outputs)
+    completion = sum(o.num_completion_tokens for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -153,6 +156,17 @@ class ChatDeltas:
             calls.append({"index": index, **call.to_openai()})
         if calls:
             delta["tool_calls"] = calls
+
+
+def text_completion(
+    request_id: str, model: str, created: int, choices: list[dict[str, Any]], usage_: dict[str, int] | None
+) -> dict[str, Any]:
+    return envelope("text_completion", f"cmpl-{request_id}", model, created, choices, usage_)
+
+
+def choice_index(prompt_index: int, n: int, index: int) -> int:
+    """Choices of prompt i occupy indices i*n .. i*n+n-1, as in OpenAI's API."""
+    return prompt_index * n + index
 
 
 def text_completion_choice(

@@ -14,7 +14,6 @@ from lorax_mlflow import openai_format, tracing
 from lorax_mlflow.engine.outputs import RequestOutput
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unless_disconnected
-from lorax_mlflow.server.completions_format import choice_index, summed_usage, text_completion
 from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
 from lorax_mlflow.server.openapi import ChatCompletion, Completion, ModelList, OpenAIErrorResponse, errors, ok
@@ -133,11 +132,12 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
             record.output(output)
             for choice in output.outputs:
                 choices.append(openai_format.text_completion_choice(
-                    choice, index=choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
+                    choice, index=openai_format.choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
                     prompt_text=item.prompt_text, prompt_logprobs=output.prompt_logprobs, suffix=body.suffix,
                 ))
         record.close(200)
-        response = text_completion(finals[0].request_id, prepared[0].model, created, choices, summed_usage(finals))
+        usage = openai_format.usage(*finals)
+        response = openai_format.text_completion(finals[0].request_id, prepared[0].model, created, choices, usage)
         trace.finish(finals[0], response)
         return response
 
@@ -221,7 +221,7 @@ async def _completion_events(
                     if not (choice.delta_text or choice.finish_reason or echo is not None or choice.delta_logprobs):
                         continue
                     choices.append(openai_format.text_completion_choice(
-                        choice, index=choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
+                        choice, index=openai_format.choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
                         prompt_text=echo, prompt_logprobs=output.prompt_logprobs if echo is not None else None,
                         suffix=body.suffix, delta=True,
                     ))
@@ -229,11 +229,13 @@ async def _completion_events(
                     finals[prompt_index] = output
                     record.output(output)
                 if choices:
-                    yield sse_event(text_completion(request_id, prepared[0].model, created, choices, None))
+                    yield sse_event(openai_format.text_completion(request_id, prepared[0].model, created, choices,
+                                                                  None))
             trace.finish(finals[0])
             if _include_usage(body):
                 ordered = [finals[i] for i in range(len(prepared))]
-                yield sse_event(text_completion(request_id, prepared[0].model, created, [], summed_usage(ordered)))
+                usage = openai_format.usage(*ordered)
+                yield sse_event(openai_format.text_completion(request_id, prepared[0].model, created, [], usage))
             status = 200
         except LoraxError as error:
             status = error.status
