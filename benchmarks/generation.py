@@ -8,7 +8,7 @@
                    these stop when the JSON is complete, at different lengths
   tool required    greedy, tool_choice "required" over 2 tools (the forced-call grammar), prompts
                    rendered with the tool listing
-  regex            greedy under a guided_regex (a capitalised sentence of 4-9 words)
+  regex            greedy under a guided_regex (a capitalised sentence of 4-9 words, see SENTENCE)
   free, X lengths  greedy, ignore_eos, same prompts as X, each request capped at the length of the
                    matching X output: the same tokens per request, so the batch shrinks step by step
                    exactly as in the X run and the two differ only by the grammar work
@@ -60,7 +60,9 @@ TOOLS = [
         "type": "object", "properties": {"city": NAME, "unit": {"enum": ["celsius", "fahrenheit"]}},
         "required": ["city", "unit"]}}},
 ]
-SENTENCE = RegexConstraint(r"[A-Z][a-z]{1,10}( [a-z]{1,10}){3,8}\.")
+SENTENCE = RegexConstraint(r"[A-Z][a-z]+( [a-z]+){3,8}\.")
+"""Unbounded word lengths: xgrammar's masks for bounded character counts ([a-z]{1,10}) take 3-7 ms per
+row per step on a 2-core EPYC (measured), against ~0.1 ms for these."""
 CONSTRAINED = ("JSON schema", "tool required", "regex")
 
 
