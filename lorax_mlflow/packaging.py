@@ -29,7 +29,7 @@ from lorax_mlflow.loading import ADAPTER_ARTIFACT_PREFIX, BASE_WEIGHTS_ARTIFACT
 logger = logging.getLogger(__name__)
 
 _REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "gguf", "mlflow",
-                 "fastapi", "uvicorn", "prometheus_client", "xgrammar", "boto3", "tqdm", "jsonschema", "peft", "pyzmq", "msgspec")
+                 "fastapi", "uvicorn", "prometheus_client", "xgrammar", "boto3", "tqdm", "jsonschema", "peft", "pyzmq", "msgspec", "regex")
 
 
 def pip_requirements() -> list[str]:
