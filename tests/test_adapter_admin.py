@@ -11,6 +11,7 @@ from tests.server_support import load_tiny_model, running_server, wait_healthy
 
 TOKEN = "s3cret-admin"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+http = httpx.Client(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +29,16 @@ def managed(model_path, tiny_adapters):
 
 
 def chat(server, model: str) -> httpx.Response:
-    return httpx.post(server.v1 + "/chat/completions", timeout=60, json={
+    return http.post(server.v1 + "/chat/completions", timeout=60, json={
         "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0})
 
 
 def model_ids(server) -> set[str]:
-    return {entry["id"] for entry in httpx.get(server.v1 + "/models").json()["data"]}
+    return {entry["id"] for entry in http.get(server.v1 + "/models").json()["data"]}
 
 
 def test_management_routes_do_not_exist_unless_enabled(server, tiny_adapters):
-    response = httpx.post(server.v1 + "/load_lora_adapter", headers=ADMIN,
+    response = http.post(server.v1 + "/load_lora_adapter", headers=ADMIN,
                           json={"lora_name": "x", "lora_path": str(tiny_adapters["c"])})
     assert response.status_code == 404
     assert "x" not in model_ids(server)
@@ -52,9 +53,9 @@ def test_preloaded_adapter_is_served_once_health_is_ready(managed, tiny_adapters
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
 def test_load_and_unload_are_refused_without_the_admin_token(managed, tiny_adapters, headers):
-    load = httpx.post(managed.v1 + "/load_lora_adapter", headers=headers,
+    load = http.post(managed.v1 + "/load_lora_adapter", headers=headers,
                       json={"lora_name": "sneaky", "lora_path": str(tiny_adapters["a"])})
-    unload = httpx.post(managed.v1 + "/unload_lora_adapter", headers=headers, json={"lora_name": "pre"})
+    unload = http.post(managed.v1 + "/unload_lora_adapter", headers=headers, json={"lora_name": "pre"})
     assert load.status_code == unload.status_code == 401
     assert load.json()["error"]["code"] == "admin_unauthorized"
     assert "sneaky" not in model_ids(managed) and "pre" in model_ids(managed)
@@ -62,29 +63,29 @@ def test_load_and_unload_are_refused_without_the_admin_token(managed, tiny_adapt
 
 def test_load_serve_and_unload_an_adapter_at_runtime(managed, tiny_adapters):
     body = {"lora_name": "support", "lora_path": str(tiny_adapters["b"])}
-    loaded = httpx.post(managed.v1 + "/load_lora_adapter", headers=ADMIN, json=body)
+    loaded = http.post(managed.v1 + "/load_lora_adapter", headers=ADMIN, json=body)
     assert loaded.status_code == 200 and "support" in loaded.text
     assert "support" in model_ids(managed)
     by_name, by_path = chat(managed, "support"), chat(managed, str(tiny_adapters["b"]))
     assert by_name.json()["choices"][0]["message"] == by_path.json()["choices"][0]["message"]
-    merged = httpx.post(managed.v1 + "/chat/completions", timeout=60, json={
+    merged = http.post(managed.v1 + "/chat/completions", timeout=60, json={
         "model": "", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0,
         "merged_adapters": {"ids": ["support", "b"], "weights": [0.5, 0.5]}})
     assert merged.status_code == 200, merged.text  # merge recipes may name runtime names too
 
-    again = httpx.post(managed.v1 + "/load_lora_adapter", headers=ADMIN, json=body)
+    again = http.post(managed.v1 + "/load_lora_adapter", headers=ADMIN, json=body)
     assert again.status_code == 400 and again.json()["error"]["code"] == "adapter_already_loaded"
 
-    unloaded = httpx.post(managed.v1 + "/unload_lora_adapter", headers=ADMIN, json={"lora_name": "support"})
+    unloaded = http.post(managed.v1 + "/unload_lora_adapter", headers=ADMIN, json={"lora_name": "support"})
     assert unloaded.status_code == 200
     assert "support" not in model_ids(managed)
-    gone = httpx.post(managed.v1 + "/unload_lora_adapter", headers=ADMIN, json={"lora_name": "support"})
+    gone = http.post(managed.v1 + "/unload_lora_adapter", headers=ADMIN, json={"lora_name": "support"})
     assert gone.status_code == 404
 
 
 @pytest.mark.parametrize("lora_path,status", [("/etc", 400), ("./no-such-adapter", 404), ("models:/nope", 400)])
 def test_a_bad_adapter_fails_its_load_call_and_adds_no_name(managed, lora_path, status):
-    response = httpx.post(managed.v1 + "/load_lora_adapter", headers=ADMIN,
+    response = http.post(managed.v1 + "/load_lora_adapter", headers=ADMIN,
                           json={"lora_name": "broken", "lora_path": lora_path})
     assert response.status_code == status, response.text
     assert "broken" not in model_ids(managed)

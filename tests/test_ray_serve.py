@@ -80,7 +80,7 @@ def test_openai_sdk_chat_and_stream_through_the_ingress_match_one_server(ray_url
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct.choices[0].message.content
     models = {m.id for m in client(ray_url).models.list()}
     assert {"a", "b"} <= models
-    health = httpx.get(ray_url + "/health")
+    health = httpx.get(ray_url + "/health", timeout=120)
     assert health.status_code == 200
 
 
@@ -94,8 +94,11 @@ def test_requests_for_one_adapter_land_on_the_same_replica(ray_url, tiny_adapter
 
 
 def test_errors_keep_their_wire_shape_through_the_ingress(ray_url):
-    response = httpx.post(ray_url + "/v1/chat/completions", json={"model": "a", "messages": "nope"})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    response = httpx.post(ray_url + "/v1/chat/completions", timeout=120, json={
+        "model": "a", "messages": [{"role": "user", "content": "Hi"}], "temperature": -1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+    generate = httpx.post(ray_url + "/generate", timeout=120, json={"inputs": "Hi", "parameters": {"temperature": -1}})
+    assert generate.status_code == 400 and generate.json()["error_type"] == "validation"
 
 
 def test_a_client_that_disconnects_mid_stream_aborts_its_request_on_the_replica(ray_url):
@@ -106,7 +109,7 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request_on_the_replica(
     aborted = re.compile(r'^lorax_requests_total\{adapter="a",route="chat",status="499"\} [1-9]', re.M)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # GET /metrics naming adapter "a" is routed to a's replica
-        metrics = httpx.request("GET", ray_url + "/metrics", content=b'{"model": "a"}').text
+        metrics = httpx.request("GET", ray_url + "/metrics", content=b'{"model": "a"}', timeout=120).text
         if aborted.search(metrics):
             return
         time.sleep(0.5)
