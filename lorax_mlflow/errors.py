@@ -61,6 +61,14 @@ class AdapterForbiddenError(AdapterAuthError):
     code = "adapter_forbidden"
 
 
+class EngineStepError(LoraxError):
+    """An engine step failed for this request (its other requests were served): a server-side fault."""
+
+    status = 500
+    type = "internal_error"
+    code = "internal_error"
+
+
 class EngineUnavailableError(LoraxError):
     status = 503
     type = "service_unavailable"

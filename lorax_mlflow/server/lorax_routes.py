@@ -17,7 +17,7 @@ from lorax_mlflow.server.lorax_format import LoraxFormatter
 from lorax_mlflow.server.lorax_params import adapter_body, fit_to_prompt, generate_sampling_params
 from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
-from lorax_mlflow.server.openapi import SSE, GenerateResponse, LoraxErrorResponse, errors, ok
+from lorax_mlflow.server.openapi import SSE, SSE_EVENT_SCHEMA, GenerateResponse, LoraxErrorResponse, errors, ok
 from lorax_mlflow.server.schemas import GenerateRequest
 from lorax_mlflow.server.sse import SSE_HEADERS, sse_event
 from lorax_mlflow.service import LoraxService, PreparedRequest
@@ -82,7 +82,7 @@ def lorax_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         return await generate_response(body, request, "generate")
 
     @router.post("/generate_stream", response_class=StreamingResponse, responses={
-        200: {"description": "token events", "content": {SSE: {"schema": {"type": "string"}}}},
+        200: {"description": "token events", "content": {SSE: {"schema": SSE_EVENT_SCHEMA}}},
         **errors(LoraxErrorResponse)})
     async def generate_stream(body: GenerateRequest, request: Request):
         """Stream tokens as server-sent events: `{"token", "generated_text", "details"}`."""

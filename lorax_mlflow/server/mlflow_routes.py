@@ -62,6 +62,17 @@ def chat_model_input(body: dict[str, Any]) -> dict[str, Any]:
     return {**kept, "custom_inputs": {**lifted, **(custom or {})}}
 
 
+def _check_chat_request(model_input: dict[str, Any]) -> None:
+    """Parse the input as MLflow's ChatCompletionRequest first: the pyfunc wrapper does the same, but
+    its ValueErrors (a message without content, a string max_tokens) would surface as 500s."""
+    from mlflow.types.llm import ChatCompletionRequest
+
+    try:
+        ChatCompletionRequest.from_dict(model_input)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise InvalidRequestError(f"invalid chat request: {error}") from error
+
+
 def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
     router = APIRouter(tags=["MLflow"])
 
@@ -88,6 +99,7 @@ def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
             raise InvalidRequestError("the request body must be a JSON object with `messages`")
         try:
             model_input = chat_model_input(body)
+            _check_chat_request(model_input)
         except InvalidRequestError:
             record.close(400)
             raise

@@ -107,14 +107,21 @@ class Health(_Doc):
 
 
 SSE = "text/event-stream"
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "one server-sent event: `data:` is a JSON chunk (or an error object), the last one `[DONE]`",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
 _ERROR_STATUSES = {400: "invalid request", 401: "private adapter: no token", 403: "private adapter: token refused",
-                   404: "unknown model or adapter", 413: "request body too large", 503: "model not loaded yet"}
+                   404: "unknown model or adapter", 413: "request body too large",
+                   500: "the engine failed on this request (other requests are unaffected)", 503: "model not loaded yet"}
 
 
 def errors(model: type[BaseModel], *extra: int) -> dict[int | str, dict[str, Any]]:
     """The error responses of a route family (OpenAI, LoRAX or MLflow shape)."""
     statuses = {**_ERROR_STATUSES, **{status: "error" for status in extra}}
-    return {status: {"model": model, "description": text} for status, text in statuses.items()}
+    return {status: {"model": model, "description": text} for status, text in sorted(statuses.items())}
 
 
 def ok(model: type[BaseModel] | Any, *, streams: bool = False) -> dict[int | str, dict[str, Any]]:
@@ -122,7 +129,7 @@ def ok(model: type[BaseModel] | Any, *, streams: bool = False) -> dict[int | str
     response: dict[str, Any] = {"model": model, "description": "the response"}
     if streams:
         response["description"] = "the response (JSON), or server-sent events when the request sets stream"
-        response["content"] = {SSE: {"schema": {"type": "string"}}}
+        response["content"] = {SSE: {"schema": SSE_EVENT_SCHEMA}}
     return {200: response}
 
 
