@@ -143,3 +143,66 @@ def test_sampling_never_picks_the_padded_vocabulary_rows(tmp_path):
     assert len(tokens) == 16 and all(0 <= t < vocab for t in tokens)
     with pytest.raises(InvalidRequestError, match=r"\[0, 49152\)"):
         engine.submit([vocab + 1], greedy())
+
+
+# --- one request's failure inside a step fails only that request ---------------------------------------
+
+POISON = 7777
+
+
+def test_an_exception_in_a_step_fails_only_the_request_it_belongs_to(tiny_model_dir, monkeypatch):
+    """The issue's case: one request's bad data made the step raise and every request of the batch
+    failed with "internal error during generation". Now the step is retried request by request."""
+    from lorax_mlflow.errors import EngineStepError
+
+    prompts = [encode(tiny_model_dir, p) for p in PROMPTS[:4]]
+    engine = make_engine(tiny_model_dir, device="cpu")
+    try:
+        expected = [engine.submit(p, greedy(10, ignore_eos=True)).result().outputs[0].token_ids for p in prompts]
+        core = engine.core
+        execute = core.runner.execute
+
+        def execute_that_chokes_on_the_poison(scheduled, ranks, *args, **kwargs):
+            if any(POISON in item.seq.prompt_token_ids for item in scheduled):
+                raise IndexError("index out of range in self")  # what a bad token id used to raise
+            return execute(scheduled, ranks, *args, **kwargs)
+
+        monkeypatch.setattr(core.runner, "execute", execute_that_chokes_on_the_poison)
+        streams = [engine.submit(p, greedy(10, ignore_eos=True)) for p in prompts[:2]]
+        poisoned = engine.submit([1, POISON, 3], greedy(10, ignore_eos=True))
+        streams += [engine.submit(p, greedy(10, ignore_eos=True)) for p in prompts[2:]]
+
+        assert [s.result().outputs[0].token_ids for s in streams] == expected
+        with pytest.raises(EngineStepError) as caught:
+            poisoned.result()
+        assert caught.value.status == 500 and "IndexError" in caught.value.message
+        assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_an_error_appending_one_requests_token_fails_only_that_request(tiny_model_dir, monkeypatch):
+    """A grammar that rejects its token (or any error accepting it) fails its own request."""
+    from lorax_mlflow.errors import EngineStepError
+
+    prompts = [encode(tiny_model_dir, p) for p in PROMPTS[:3]]
+    engine = make_engine(tiny_model_dir, device="cpu")
+    try:
+        expected = [engine.submit(p, greedy(8, ignore_eos=True)).result().outputs[0].token_ids for p in prompts]
+        core = engine.core
+        append = core._append_token
+
+        def append_rejecting_the_poisoned(seq, *args, **kwargs):
+            if POISON in seq.prompt_token_ids:
+                raise ValueError("TokenRejectedError: the grammar does not accept this token")
+            return append(seq, *args, **kwargs)
+
+        monkeypatch.setattr(core, "_append_token", append_rejecting_the_poisoned)
+        poisoned = engine.submit([1, POISON, 3], greedy(8, ignore_eos=True))
+        streams = [engine.submit(p, greedy(8, ignore_eos=True)) for p in prompts]
+        assert [s.result().outputs[0].token_ids for s in streams] == expected
+        with pytest.raises(EngineStepError, match="TokenRejectedError"):
+            poisoned.result()
+        assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    finally:
+        engine.shutdown()

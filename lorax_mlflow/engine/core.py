@@ -34,10 +34,11 @@ from lorax_mlflow.engine.model_runner import ModelRunner
 from lorax_mlflow.engine.request import Request
 from lorax_mlflow.engine.sampler import Sampler
 from lorax_mlflow.engine.sampling_params import SamplingParams
+from lorax_mlflow.engine.scheduled import ScheduledSequence
 from lorax_mlflow.engine.scheduler import Scheduler
 from lorax_mlflow.engine.sequence import Sequence
 from lorax_mlflow.engine.speculative import Speculator, VerifiedRow
-from lorax_mlflow.errors import LoraxError
+from lorax_mlflow.errors import EngineStepError, LoraxError
 from lorax_mlflow.lora.slots import DeviceSlots
 
 logger = logging.getLogger(__name__)
@@ -269,9 +270,29 @@ class EngineCore:
                 self._delta(deltas, request).first_scheduled_time = now
         self.num_steps += 1
         self.runner.copy_blocks(out.block_copies)
-        seqs = [item.seq for item in out.sampling]  # a prefill chunk short of the prompt's end samples nothing
-        logits = self.runner.execute(out.scheduled, self.slots.ranks, self.speculator.needs_hidden(seqs))
-        for item in out.scheduled:
+        try:
+            self._forward_and_sample(out.scheduled, deltas)
+        except Exception as error:  # noqa: BLE001 - isolated below: only the failing request(s) fail
+            logger.warning("engine step failed (%s: %s); running its requests one at a time", type(error).__name__,
+                           error)
+            self._run_isolated(out.scheduled, deltas)
+        for request_id in deltas:
+            request = self._requests.get(request_id)
+            if request is not None and request.finished:
+                del self._requests[request_id]
+        if out.sampling:  # reading sampled tokens waits for the device: only such steps' times are real on CUDA
+            self.scheduler.record_step_time(out, time.perf_counter() - started)
+        return EngineCoreOutputs(now, list(deltas.values())), True
+
+    def _forward_and_sample(self, scheduled: list[ScheduledSequence], deltas: dict[str, RequestDelta]) -> None:
+        """One packed forward over `scheduled`, then sampling (and draft verification) for the items that sample.
+
+        A sequence changes only when its tokens are emitted (and an error there fails only its own
+        request, see `_emit_tokens`), and re-running a forward rewrites the same KV slots, so after a
+        failure the requests that emitted nothing yet can be run again on their own."""
+        seqs = [item.seq for item in scheduled if item.samples]  # a prefill chunk short of the prompt's end samples nothing
+        logits = self.runner.execute(scheduled, self.slots.ranks, self.speculator.needs_hidden(seqs))
+        for item in scheduled:
             if item.seq.seq_id in logits.prompt:
                 self._add_prompt_logprobs(item.seq, *logits.prompt[item.seq.seq_id])
         plain = [row for row, seq in enumerate(seqs) if seq.seq_id not in logits.drafts]
@@ -281,13 +302,23 @@ class EngineCore:
         accepted = self._accept_drafts([seq for seq in seqs if seq.seq_id in logits.drafts], logits.drafts, deltas)
         if self.speculator.enabled:
             self.speculator.propose(seqs, logits.hidden, accepted, len(self.scheduler.running))
-        for request_id in deltas:
-            request = self._requests.get(request_id)
-            if request is not None and request.finished:
-                del self._requests[request_id]
-        if seqs:  # reading sampled tokens waits for the device: only such steps' times are real on CUDA
-            self.scheduler.record_step_time(out, time.perf_counter() - started)
-        return EngineCoreOutputs(now, list(deltas.values())), True
+
+    def _run_isolated(self, scheduled: list[ScheduledSequence], deltas: dict[str, RequestDelta]) -> None:
+        """After a failed step: run each request's part of it alone; a request whose part fails again
+        fails with a 500, every other request gets exactly the token it would have had."""
+        by_request: dict[str, list[ScheduledSequence]] = {}
+        for item in scheduled:
+            by_request.setdefault(item.seq.request_id, []).append(item)
+        for request_id, items in by_request.items():
+            delta = deltas.get(request_id)
+            if request_id not in self._requests or (delta is not None and delta.sequences):
+                continue  # failed already, or its tokens were emitted before the failure
+            try:
+                self._forward_and_sample(items, deltas)
+            except Exception as error:  # noqa: BLE001 - attributed to this request only
+                logger.exception("request %s failed inside an engine step", request_id)
+                deltas[request_id] = self._fail(request_id, EngineStepError(
+                    f"internal error while generating this request: {type(error).__name__}: {error}"))
 
     def _sample(self, seqs: list[Sequence], last_logits: torch.Tensor, deltas: dict[str, RequestDelta]) -> None:
         sampled = self.sampler(last_logits, seqs)
@@ -323,17 +354,25 @@ class EngineCore:
 
     def _emit_tokens(self, seq: Sequence, row: VerifiedRow, deltas: dict[str, RequestDelta]) -> None:
         """Append a step's tokens for `seq` (one, or several after speculation) until it finishes."""
-        request = self._requests[seq.request_id]
+        request = self._requests.get(seq.request_id)
+        if request is None:  # failed by an earlier row of this step
+            return
         delta = self._delta(deltas, request)
         if request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
             request.prompt_logprobs_sent = True  # complete: the prompt's last chunk ran
             delta.prompt_logprobs = request.prompt_logprobs
         reason, count = None, 0
-        for token, logprob in zip(row.token_ids, row.logprobs):
-            count += 1
-            reason = self._append_token(seq, token, logprob)
-            if reason is not None:
-                break
+        try:
+            for token, logprob in zip(row.token_ids, row.logprobs):
+                count += 1
+                reason = self._append_token(seq, token, logprob)
+                if reason is not None:
+                    break
+        except Exception as error:  # noqa: BLE001 - e.g. a grammar rejecting the token: this request only
+            logger.exception("request %s failed appending a token", seq.request_id)
+            deltas[seq.request_id] = self._fail(seq.request_id, EngineStepError(
+                f"internal error while generating this request: {type(error).__name__}: {error}"))
+            return
         delta.sequences.append(SequenceDelta(
             request.index_of(seq), row.token_ids[:count], row.logprobs[:count],
             row.top[:count] if row.top else None, reason, row.num_drafts, row.num_accepted,
