@@ -98,7 +98,7 @@ def test_hub_adapters_from_an_offline_cache_with_revisions_equal_peft(
     prompt = encode(tiny_model_dir, PROMPTS[0])
 
     with running_engine(tiny_model_dir, download_dir=str(hub_env.parent / "downloads")) as engine:
-        engine.adapters.sources.access_record.set("org/adapter", "public")  # as learned online before
+        engine.core.adapters.sources.access_record.set("org/adapter", "public")  # as learned online before
         streams = [engine.submit(prompt, greedy(MAX_TOKENS), adapter(adapter_id)) for adapter_id, _ in cases]
         for (adapter_id, name), stream in zip(cases, streams):
             assert tokens(stream) == peft_greedy(tiny_model_dir, tiny_adapters[name], prompt), adapter_id
