@@ -26,7 +26,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         if spec.separator is not None:
             group.add_argument(spec.flag, dest=spec.name, action="append", type=spec.parse, metavar="VALUE",
                                help=f"{text}, {spec.separator!r}-separated)")
-        elif spec.kind is bool or spec.default is False:
+        elif spec.kind is bool or isinstance(spec.default, bool):
             group.add_argument(spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{text})")
         else:

@@ -11,12 +11,19 @@ from lorax_mlflow.tools import hermes
 from lorax_mlflow.tools.spec import ToolRequest
 
 
-def usage(*outputs: RequestOutput) -> dict[str, int]:
-    """Token counts of a response: the sum over its engine requests (a completions request with
-    several prompts has one each)."""
+def usage(*outputs: RequestOutput) -> dict[str, Any]:
+    """OpenAI usage of one engine request, or the sum over several (a completion of several prompts).
+
+    ``prompt_tokens_details.cached_tokens``: prompt tokens whose K/V came from the prefix cache.
+    """
     prompt = sum(o.num_prompt_tokens for o in outputs)
     completion = sum(o.num_completion_tokens for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
+    }
 
 
 def _token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
@@ -87,7 +94,7 @@ def chat_completion(
 
 def envelope(
     object_type: str, response_id: str, model: str, created: int, choices: list[dict[str, Any]],
-    usage_: dict[str, int] | None = None,
+    usage_: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fields every OpenAI response object shares; `usage` only when given."""
     body: dict[str, Any] = {"id": response_id, "object": object_type, "created": created, "model": model,

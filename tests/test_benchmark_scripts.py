@@ -75,3 +75,15 @@ def test_gpu_check_stops_at_once_and_says_why_without_cuda(tmp_path):
     assert "cuda: none, nothing run" in done.stdout
     assert f"gpu_check: log written to {log}" in done.stdout
     assert "no CUDA device visible" in log.read_text()
+
+
+def test_prefix_cache_benchmark_prints_both_modes_the_target_ratios_and_the_shared_prefill():
+    out = run_module("benchmarks.prefix_cache", "--quick")
+
+    for mode in ("without cache", "with cache"):  # turn-2 TTFT ms, wall s, tok/s, prompt tokens, cached
+        assert re.search(rf"^{mode} +{NUMBER} +{NUMBER} +{NUMBER} +\d+ +\d+$", out, re.M), out
+    assert re.search(rf"^turn-2 TTFT without / with cache = {NUMBER}x \(target >= 8\)$", out, re.M), out
+    assert re.search(rf"^throughput with / without cache = {NUMBER}x \(target >= 1\.5\)$", out, re.M), out
+    for mode in ("without cache", "with cache"):
+        assert re.search(rf"^{mode} +prefilled \d+ prompt tokens = .* system prompt prefilled {NUMBER} times$",
+                         out, re.M), out

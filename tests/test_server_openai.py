@@ -66,6 +66,23 @@ def test_usage_counts_equal_the_tokenizer_counts(client, served):
     assert response.choices[0].finish_reason == "length"
 
 
+def test_a_resent_conversation_reports_its_cached_prompt_tokens_in_usage(client):
+    messages = [{"role": "user", "content": "A conversation that only this test sends, with some history. " * 4}]
+    first = client.chat.completions.create(model="a", messages=messages, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(model="a", messages=messages, max_tokens=3, temperature=0)
+    other_adapter = client.chat.completions.create(model="b", messages=messages, max_tokens=3, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (again.usage.prompt_tokens - 1) // 16 * 16  # every full block but the last token's
+    # At most the chat template's default system prompt was cached before; "b" never reuses "a"'s K/V.
+    assert first.usage.prompt_tokens_details.cached_tokens < cached
+    assert other_adapter.usage.prompt_tokens_details.cached_tokens < cached
+
+    prompts = ["A completion prompt that only this test sends, long enough for a block or two. " * 2, "Hi"]
+    client.completions.create(model="a", prompt=prompts[0], max_tokens=2, temperature=0)
+    both = client.completions.create(model="a", prompt=prompts, max_tokens=2, temperature=0)
+    assert both.usage.prompt_tokens_details.cached_tokens >= 16
+
+
 def test_base_model_is_selected_by_an_empty_model_or_its_name_and_differs_from_an_adapter(client, served):
     by_empty = client.chat.completions.create(model="", messages=HELLO, max_tokens=8, temperature=0)
     by_name = client.chat.completions.create(model=served.service.base_model_name, messages=HELLO, max_tokens=8,
@@ -136,7 +153,11 @@ def test_streamed_chat_adds_up_to_the_whole_answer_and_ends_with_usage(client):
     assert text == whole.choices[0].message.content
     assert content_chunks[-1].choices[0].finish_reason == "length"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert chunks[-1].choices == []
+    # The same prompt again: equal counts, and its history now comes from the prefix cache.
+    assert chunks[-1].usage.model_dump(exclude={"prompt_tokens_details"}) == whole.usage.model_dump(
+        exclude={"prompt_tokens_details"})
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_stream_ends_with_done_on_the_wire(server):
@@ -237,7 +258,7 @@ def test_streamed_completions_add_up_per_choice_and_end_with_usage(client):
             texts[choice.index] = texts.get(choice.index, "") + choice.text
         usage = chunk.usage or usage
     assert texts == {c.index: c.text for c in whole.choices}
-    assert usage.model_dump() == whole.usage.model_dump()
+    assert usage.model_dump(exclude={"prompt_tokens_details"}) == whole.usage.model_dump(exclude={"prompt_tokens_details"})
 
 
 # ----- models, errors, health ----------------------------------------------------------------------
@@ -354,8 +375,27 @@ def test_metrics_report_requests_tokens_and_engine_state_by_adapter(client, serv
     assert 'lorax_requests_total{adapter="b",route="chat",status="200"}' in text
     assert 'lorax_generation_tokens_total{adapter="b"}' in text
     assert 'lorax_request_queue_seconds_count{adapter="b"}' in text
+    assert 'lorax_prefix_cache_queries_total{adapter="b"}' in text
+    assert 'lorax_prefix_cache_hits_total{adapter="b"}' in text
     for gauge in ("lorax_batch_size", "lorax_kv_blocks_used", "lorax_kv_blocks_total", "lorax_adapters_loaded"):
         assert f"\n{gauge} " in text
+
+
+def metric_value(text: str, sample: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith(sample + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_prefix_cache_counters_count_queried_and_hit_prompt_tokens_per_adapter(client, server):
+    messages = [{"role": "user", "content": "Counting cached tokens, a message only this test sends. " * 3}]
+    queries, hits = 'lorax_prefix_cache_queries_total{adapter="a"}', 'lorax_prefix_cache_hits_total{adapter="a"}'
+    before = httpx.get(server.url + "/metrics").text
+    responses = [client.chat.completions.create(model="a", messages=messages, max_tokens=2, temperature=0)
+                 for _ in range(2)]
+    after = httpx.get(server.url + "/metrics").text
+    assert metric_value(after, queries) - metric_value(before, queries) == sum(r.usage.prompt_tokens for r in responses)
+    assert metric_value(after, hits) - metric_value(before, hits) == sum(
+        r.usage.prompt_tokens_details.cached_tokens for r in responses) > 0
 
 
 def test_openapi_schema_lists_every_route(server):
@@ -401,5 +441,18 @@ def test_cli_help_lists_serve_and_the_engine_flags():
     result = subprocess.run([sys.executable, "-m", "lorax_mlflow.cli", "serve", "--help"], capture_output=True,
                             text=True, check=True)
     for flag in ("--model-uri", "--kv-cache-bytes", "--max-loras", "--max-lora-rank", "--adapter-root", "--dtype",
-                 "--device", "--max-num-batched-tokens", "--max-model-len", "LORAX_MAX_LORAS"):
+                 "--device", "--max-num-batched-tokens", "--max-model-len", "--no-prefix-caching", "LORAX_MAX_LORAS"):
         assert flag in result.stdout
+
+
+def test_no_prefix_caching_flag_turns_the_engine_config_field_off(monkeypatch):
+    from lorax_mlflow.cli import build_parser, engine_flag_values
+    from lorax_mlflow.engine.config import EngineConfig
+
+    assert EngineConfig().enable_prefix_caching is True  # on by default
+    assert "enable_prefix_caching" not in engine_flag_values(build_parser().parse_args(["serve"]))
+    overrides = engine_flag_values(build_parser().parse_args(["serve", "--no-prefix-caching"]))
+    assert EngineConfig().with_overrides(overrides).enable_prefix_caching is False
+    monkeypatch.setenv("LORAX_ENABLE_PREFIX_CACHING", "0")
+    assert EngineConfig().with_env_overrides().enable_prefix_caching is False
+

@@ -354,6 +354,10 @@ class AdapterCache:
     def release(self, slot: int) -> None:
         self.slots.unpin(slot)
 
+    def slot_digest(self, slot: int) -> str:
+        """Content digest of the adapter in `slot` (what the KV prefix cache keys its blocks by)."""
+        return self.slots.digests[slot]
+
     def _host_weights(self, key: str) -> LoraWeights | None:
         """The weights of `key` in host memory, taking a finished load there; None while loading."""
         with self._lock:

@@ -97,17 +97,17 @@ class MergeSpec:
 
     def recipe_key(self) -> str:
         """A stable key for the merged result; recipes that merge identically share it."""
-        recipe: dict = {
-            "ids": list(self.ids),
-            "weights": list(self.effective_weights()),
-            "strategy": self.merge_strategy,
-        }
+        digest = hashlib.sha256(json.dumps(self.recipe(list(self.ids)), sort_keys=True).encode()).hexdigest()
+        return f"merge-{digest[:16]}"
+
+    def recipe(self, parts: list[str]) -> dict:
+        """The recipe as data, naming its adapters by `parts` (ids, or content digests)."""
+        recipe: dict = {"ids": parts, "weights": list(self.effective_weights()), "strategy": self.merge_strategy}
         if self.merge_strategy != "linear":
             recipe["density"] = self.density
         if self.merge_strategy.endswith("ties"):
             recipe["majority_sign_method"] = self.majority_sign_method
-        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-        return f"merge-{digest[:16]}"
+        return recipe
 
 
 def merge_adapters(adapters: Sequence[LoraWeights], spec: MergeSpec, *, seed: int = 0) -> LoraWeights:
@@ -128,7 +128,14 @@ def merge_adapters(adapters: Sequence[LoraWeights], spec: MergeSpec, *, seed: in
         a=merged_a,
         b=merged_b,
         base_model_name=adapters[0].base_model_name,
+        digest=_merged_digest(adapters, spec, seed),
     )
+
+
+def _merged_digest(adapters: Sequence[LoraWeights], spec: MergeSpec, seed: int) -> str:
+    """A merge is deterministic, so its recipe over its parts' content digests identifies the result."""
+    recipe = {**spec.recipe([adapter.digest for adapter in adapters]), "seed": seed}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def _merge_tensors(

@@ -54,6 +54,7 @@ class RequestState:
     sequences: list[SequenceState]
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -95,6 +96,7 @@ class RequestState:
             adapter_id=self.adapter_id,
             prompt_logprobs=self.prompt_logprobs,
             metrics=self.metrics,
+            num_cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -176,6 +178,8 @@ class OutputProcessor:
         (the core still runs them until told)."""
         if delta.first_scheduled_time is not None:
             state.metrics.first_scheduled_time = delta.first_scheduled_time
+        if delta.num_cached_tokens is not None:
+            state.num_cached_tokens = delta.num_cached_tokens
         if delta.prompt_logprobs is not None:
             state.prompt_logprobs = [None if p is None else TokenLogprob(p[0], p[1], [tuple(t) for t in p[2]])
                                      for p in delta.prompt_logprobs]

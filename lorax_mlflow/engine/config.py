@@ -105,6 +105,10 @@ class EngineConfig:
     max_model_len: int | None = setting(
         None, "context window in tokens (default: the model's max_position_embeddings, at most 8192)", kind=int)
     block_size: int = setting(16, "tokens per KV cache block", kind=int)
+    enable_prefix_caching: bool = setting(
+        True, "reuse the K/V of full blocks an earlier request computed for the same tokens under the same "
+        "weights (base model or adapter content); --no-prefix-caching turns it off", kind=_boolean,
+        flag="--prefix-caching")
     kv_cache_bytes: int | None = setting(
         None, "KV cache budget in bytes (default: 512 MiB on CPU, 60% of free memory on CUDA)", kind=int)
     max_loras: int | None = setting(

@@ -74,7 +74,9 @@ class EngineCore:
         self.vocab_size = min(len(self.tokenizer), self.runner.vocab_size)
         """Token ids requests may use and sampling may pick: the tokenizer's, never the padded rows a model's
         output layer may have beyond it (rounded up for GPU tiles)."""
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.block_size, enable_prefix_caching=self.config.enable_prefix_caching
+        )
         self.slots = DeviceSlots(self.runner.lora_layers, self.runner.max_loras)
         download_dir = self.config.download_dir or str(cache_root() / "adapters")
         self.adapters = AdapterCache(
@@ -267,7 +269,9 @@ class EngineCore:
             request = self._requests[item.seq.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
-                self._delta(deltas, request).first_scheduled_time = now
+                delta = self._delta(deltas, request)
+                delta.first_scheduled_time = now
+                delta.num_cached_tokens = request.sequences[0].num_cached_prompt_tokens or 0
         self.num_steps += 1
         self.runner.copy_blocks(out.block_copies)
         try:
@@ -435,7 +439,9 @@ class EngineCore:
         return RequestDelta(request_id, error=WireError.of(error))
 
     def fail_running(self, error: LoraxError) -> EngineCoreOutputs:
-        """After a step raised: fail the requests that were running (they may hold half-updated state)."""
+        """After a step raised: fail the requests that were running (they may hold half-updated state)
+        and forget the prefix-cache blocks that step was to compute."""
+        self.scheduler.step_failed()
         failed = {seq.request_id for seq in self.scheduler.running}
         return EngineCoreOutputs(time.time(), [self._fail(request_id, error) for request_id in failed])
 

@@ -140,6 +140,8 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_logprobs: list[tuple[int, float, TopLogprobs] | None] | None = None
     """Sent once, with the first tokens: per prompt token (token, logprob, top), None for the first."""
     first_scheduled_time: float | None = None
+    num_cached_tokens: int | None = None
+    """Sent with `first_scheduled_time`: prompt tokens whose K/V came from the prefix cache."""
     """Sent once, when the request first entered a step."""
     error: WireError | None = None
     """The request failed in the core; nothing more will come for it."""

@@ -64,6 +64,8 @@ class RequestOutput:
     adapter_id: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens whose K/V came from the prefix cache (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,6 +12,13 @@ back to the front of the queue to be recomputed later.
 
 The sequences of an ``n`` > 1 request share their prompt's blocks: the first one prefills them and
 the others sample from its last-token logits in the step that completes the prompt.
+
+Prefix caching: an admitted request starts its prefill after the longest run of cached full blocks
+of its tokens under the weights of its adapter slot (see block_manager); every block a step
+completes is offered to the cache as it is scheduled, so a request admitted in the same step
+already shares it. Requests are admitted only once every prefill under way has been given the
+rest of its prompt in this step, so a shared prefix is never computed twice at once. Cached
+blocks nobody holds count as free, so they are evicted before any running sequence is preempted.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lorax_mlflow.engine.block_manager import BlockManager
+from lorax_mlflow.engine.block_manager import BASE_MODEL_IDENTITY, BlockManager
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.prefill_budget import PrefillBudget
 from lorax_mlflow.engine.scheduled import ScheduledSequence
@@ -36,6 +43,9 @@ class AdapterSlots(Protocol):
         """Device slot for the adapter (-1 for the base model), None while it is loading; raises if it failed."""
 
     def release(self, slot: int) -> None: ...
+
+    def slot_digest(self, slot: int) -> str:
+        """Content digest of the adapter in `slot`: the identity its K/V is cached under."""
 
 
 @dataclass
@@ -87,6 +97,8 @@ class Scheduler:
         self.waiting.append(list(sequences))
 
     def schedule(self) -> SchedulerOutput:
+        """The next step. Calling it again means the previous step ran (see :meth:`step_failed`)."""
+        self.block_manager.commit()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self._schedule_decodes(out, budget)
@@ -125,6 +137,7 @@ class Scheduler:
             copy = self.block_manager.append_slot(seq, len(drafts))
             if copy is not None:
                 out.block_copies.append(copy)
+            self.block_manager.cache_full_blocks(seq, seq.num_tokens)  # drafts past it are never cached
             new_tokens = seq.num_tokens - seq.num_cached_tokens + len(drafts)
             out.scheduled.append(ScheduledSequence(seq, new_tokens, draft_token_ids=drafts))
             out.num_decode_tokens += 1 + len(drafts)
@@ -136,6 +149,7 @@ class Scheduler:
         completes = count == remaining
         out.scheduled.append(ScheduledSequence(head, count, samples=completes))
         out.num_prefill_tokens += count
+        self.block_manager.cache_full_blocks(head, head.num_cached_tokens + count)
         if completes:
             siblings = self.prefilling.pop(head)
             for seq in siblings:
@@ -150,7 +164,7 @@ class Scheduler:
             if all(s.is_finished for s in group):
                 continue
             head = group[0]
-            if len(self.running) + len(group) > self.config.max_num_seqs or not self.block_manager.can_allocate(head):
+            if len(self.running) + len(group) > self.config.max_num_seqs:
                 self.waiting.appendleft(group)
                 break
             try:
@@ -161,7 +175,14 @@ class Scheduler:
             if slots is None:
                 skipped.append(group)  # adapter still loading: let the others through
                 continue
-            self.block_manager.allocate(head)
+            hits = self._cached_prefix(head, slots[0])
+            if not self.block_manager.can_allocate(head, hits):
+                self._release_slots(slots)
+                self.waiting.appendleft(group)
+                break
+            self.block_manager.allocate(head, hits)  # the prefill starts after the cached blocks
+            if head.num_cached_prompt_tokens is None:
+                head.num_cached_prompt_tokens = head.num_cached_tokens
             for seq in group[1:]:
                 self.block_manager.fork(head, seq)
                 self._sibling_of[seq] = head
@@ -173,17 +194,35 @@ class Scheduler:
             budget -= self._schedule_chunk(out, head, budget)
         self.waiting.extendleft(reversed(skipped))
 
+    def _cached_prefix(self, seq: Sequence, slot: int) -> list[int]:
+        """Cached blocks `seq` can start from, under the identity of the weights in its slot.
+
+        A request asking for prompt logprobs bypasses the cache (it needs logits at every prompt
+        position); the blocks it computes are still cached for the others.
+        """
+        identity = BASE_MODEL_IDENTITY if slot == -1 else self.adapter_slots.slot_digest(slot)
+        hits = self.block_manager.cached_prefix(seq, identity)
+        return [] if seq.params.prompt_logprobs is not None else hits
+
     def _acquire_slots(self, group: list[Sequence]) -> list[int] | None:
         key = group[0].adapter_key
         slots: list[int] = []
         for _ in group:
             slot = self.adapter_slots.acquire(key)
             if slot is None:
-                for taken in slots:
-                    self.adapter_slots.release(taken)
+                self._release_slots(slots)
                 return None
             slots.append(slot)
         return slots
+
+    def _release_slots(self, slots: list[int]) -> None:
+        for slot in slots:
+            if slot != -1:
+                self.adapter_slots.release(slot)
+
+    def step_failed(self) -> None:
+        """The scheduled step raised: the K/V it was to compute must never be reused."""
+        self.block_manager.discard_pending()
 
     def _preempt(self, seq: Sequence) -> None:
         """Free `seq` (with the siblings waiting on its prefill) and queue it for recomputation."""
@@ -205,8 +244,7 @@ class Scheduler:
         if head is not None:
             self.prefilling[head].remove(seq)
         self.block_manager.free(seq)
-        if seq.lora_slot != -1:
-            self.adapter_slots.release(seq.lora_slot)
+        self._release_slots([seq.lora_slot])
         seq.lora_slot = -1
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -45,6 +45,14 @@ class Sequence:
     """Speculative tokens proposed for the next step to verify (Medusa heads or prompt lookup)."""
     finish_reason: str | None = None
     cumulative_logprob: float = 0.0
+    num_cached_prompt_tokens: int | None = None
+    """Prompt tokens whose K/V the prefix cache supplied when this sequence was first admitted."""
+    hash_identity: str | None = None
+    """Prefix cache: identity of the weights computing this sequence's K/V (see block_manager)."""
+    block_chain: list[bytes] = field(default_factory=list)
+    """Prefix cache: hashes of the first full blocks of ``token_ids`` under ``hash_identity``."""
+    num_registered_blocks: int = 0
+    """Prefix cache: leading blocks of ``block_table`` already offered to the cache."""
 
     @property
     def num_tokens(self) -> int:

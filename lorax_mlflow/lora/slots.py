@@ -32,6 +32,8 @@ class DeviceSlots:
         self.ranks = [0] * max_loras
         self.medusa: list[MedusaHeads | None] = [None] * max_loras
         """The Medusa heads of each slot's adapter, on the device; None for LoRA-only adapters."""
+        self.digests = [""] * max_loras
+        """Content digest of the adapter in each slot (its prefix-cache identity)."""
         self.evictions = 0
         self.on_evict = on_evict
         """Told the key of every adapter evicted from a slot (the adapter cache counts them)."""
@@ -58,6 +60,7 @@ class DeviceSlots:
         self.resident[key] = slot
         self.ranks[slot] = weights.rank
         self.medusa[slot] = None if weights.medusa is None else weights.medusa.to(self._device)
+        self.digests[slot] = weights.digest
         logger.debug("adapter %s -> slot %d", key, slot)
         return slot
 

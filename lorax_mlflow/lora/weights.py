@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,14 +60,32 @@ class LoraWeights:
     source_dir: Path | None = None
     """The adapter folder, when it has one (its tokenizer/chat template may be used)."""
     medusa: MedusaHeads | None = None
+    digest: str = ""
+    """What the adapter computes, for the KV prefix cache: by default a digest of its factors
+    (scaling included, as it is folded into B), so the same weights under two names share cached
+    K/V and new weights under an old name do not. Medusa heads only draft tokens and never change
+    K/V, so they are not part of it. A merged adapter passes its recipe's digest."""
     target_modules: set[str] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.a.keys() != self.b.keys():
             raise ValueError(f"adapter {self.name!r}: lora_A and lora_B cover different modules")
         self.target_modules = {key.rsplit(".", 1)[-1] for key in self.a}
+        if not self.digest:
+            self.digest = content_digest(self.a, self.b)
 
     @property
     def nbytes(self) -> int:
         lora = sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
         return lora + (self.medusa.nbytes if self.medusa is not None else 0)
+
+
+def content_digest(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:
+    """sha256 over every module's name, factor shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for module in sorted(a):
+        for factor in (a[module], b[module]):
+            tensor = factor.detach().contiguous().cpu()
+            digest.update(f"{module}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -76,6 +76,10 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter("lorax_generation_tokens", "Tokens generated", ("adapter",),
                                          registry=self.registry)
+        self.prefix_cache_queries = Counter("lorax_prefix_cache_queries", "Prompt tokens looked up in the KV prefix cache",
+                                            ("adapter",), registry=self.registry)
+        self.prefix_cache_hits = Counter("lorax_prefix_cache_hits", "Prompt tokens whose K/V the prefix cache supplied",
+                                         ("adapter",), registry=self.registry)
         self.registry.register(_EngineCollector(service))
 
     def render(self) -> bytes:
@@ -112,6 +116,8 @@ class RequestRecord:
         m = self._metrics
         adapter = m.adapter_label(self.adapter)
         m.prompt_tokens.labels(adapter).inc(output.num_prompt_tokens)
+        m.prefix_cache_queries.labels(adapter).inc(output.num_prompt_tokens)
+        m.prefix_cache_hits.labels(adapter).inc(output.num_cached_tokens)
         m.generation_tokens.labels(adapter).inc(output.num_completion_tokens)
         timings = output.metrics
         if timings is not None:
