@@ -279,6 +279,7 @@ class EngineCore:
         except Exception as error:  # noqa: BLE001 - isolated below: only the failing request(s) fail
             logger.warning("engine step failed (%s: %s); running its requests one at a time", type(error).__name__,
                            error)
+            self.scheduler.step_failed()  # its prefix-cache blocks may hold no K/V: never reuse them
             self._run_isolated(out.scheduled, deltas)
         for request_id in deltas:
             request = self._requests.get(request_id)
