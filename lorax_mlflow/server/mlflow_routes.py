@@ -68,9 +68,14 @@ def _check_chat_request(model_input: dict[str, Any]) -> None:
     from mlflow.types.llm import ChatCompletionRequest
 
     try:
-        ChatCompletionRequest.from_dict(model_input)
+        # JSON has one number type: an integer temperature (0, 1) is what OpenAI clients send.
+        ChatCompletionRequest.from_dict({k: float(v) if k in _FLOAT_PARAMS and type(v) is int else v
+                                         for k, v in model_input.items()})
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise InvalidRequestError(f"invalid chat request: {error}") from error
+
+
+_FLOAT_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 
 
 def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
