@@ -9,7 +9,6 @@ from typing import Any
 
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.adapters.merge import MergeSpec
-from lorax_mlflow.beam_search import BeamSearchParams
 from lorax_mlflow.adapters.sources import ADAPTER_SOURCES
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import InvalidRequestError, require_valid_text
@@ -80,10 +79,24 @@ def sampling_params(
         except (TypeError, ValueError, OverflowError) as error:
             raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from error
     _logprobs(body, kwargs, completions)
+    _beam_search(body, kwargs)
     kwargs["structured_output"] = parse_structured_output(body)
     params = SamplingParams(**kwargs)
     params.validate()
     return params
+
+
+def _beam_search(body: Mapping[str, Any], kwargs: dict[str, Any]) -> None:
+    """`use_beam_search` with `best_of` (default `n`) as the width. Without it `length_penalty` and
+    `early_stopping` change nothing and are ignored, as in vLLM. Streamed, the beams arrive whole in
+    one chunk once the search ends."""
+    if not body.get("use_beam_search"):
+        return
+    kwargs["use_beam_search"] = True
+    if _present(body, "length_penalty"):
+        kwargs["length_penalty"] = _number(body, "length_penalty", float)
+    if _present(body, "early_stopping"):
+        kwargs["early_stopping"] = body["early_stopping"]
 
 
 def _logprobs(body: Mapping[str, Any], kwargs: dict[str, Any], completions: bool) -> None:
@@ -121,24 +134,3 @@ def adapter_request(
         merge_spec = MergeSpec.from_dict(merged)
     token = body.get("api_token") or bearer_token
     return AdapterRequest(adapter_id=adapter_id, adapter_source=source, api_token=token, merged_adapters=merge_spec)
-
-
-def beam_search_params(body: Mapping[str, Any], params: SamplingParams) -> BeamSearchParams | None:
-    """`use_beam_search` with `best_of` (default `n`) as the width; None without it (then
-    `length_penalty` and `early_stopping` change nothing and are ignored, as in vLLM). Streamed,
-    the beams arrive whole in one chunk once the search ends."""
-    if not body.get("use_beam_search"):
-        return None
-    unsupported = {
-        "logprobs": params.logprobs is not None,
-        "stop": bool(params.stop),
-        params.structured_output.param if params.structured_output is not None else "": params.structured_output,
-    }
-    for name, present in unsupported.items():
-        if present:
-            raise InvalidRequestError(f"use_beam_search cannot be combined with {name} here", param=name)
-    length_penalty = _number(body, "length_penalty", float) if _present(body, "length_penalty") else 1.0
-    beam = BeamSearchParams(width=params.num_sequences, max_tokens=params.max_tokens, n=params.n,
-                            length_penalty=length_penalty, early_stopping=body.get("early_stopping", False))
-    beam.validate()
-    return beam

@@ -208,3 +208,30 @@ def test_many_requests_sharing_a_system_prompt_hold_one_copy_of_it(identity):
     for s in requests:
         manager.free(s)
     assert_all_free(manager)
+
+
+@pytest.mark.parametrize("prompt_len, other_holders, expected", [
+    (14, 0, 2),  # three beams share a part-filled last block: two copy it, the last keeps it
+    (14, 1, 3),  # a fourth holder that does not write: all three copy
+    (16, 0, 3),  # the last block is full: each beam takes a fresh block, nothing is copied
+])
+def test_blocks_to_append_for_beams_that_share_their_last_block(prompt_len, other_holders, expected):
+    manager = BlockManager(32, BS, enable_prefix_caching=False)
+    parent = seq(PROMPT[:prompt_len] if prompt_len <= 14 else list(range(prompt_len)))
+    manager.allocate(parent)
+    beams = [parent]
+    for _ in range(2 + other_holders):
+        child = seq(parent.token_ids)
+        manager.fork(parent, child)
+        beams.append(child)
+    writers = beams[:3]
+    for beam in writers:
+        beam.token_ids.append(7)  # each beam's next token
+    free = manager.num_free_blocks
+    assert manager.num_blocks_to_append(writers) == expected
+    for beam in writers:
+        manager.append_slot(beam)
+    assert free - manager.num_free_blocks == expected
+    for beam in beams:
+        manager.free(beam)
+    assert_all_free(manager)

@@ -188,6 +188,15 @@ class EngineClient:
                 f"{self.info.num_kv_blocks * self.info.block_size}",
                 param="max_tokens",
             )
+        if params.use_beam_search:  # the beams share the prompt's blocks; each may need its own for the rest
+            size = self.info.block_size
+            needed = len(prompt) // size + params.num_sequences * (blocks_needed(params.max_tokens, size) + 1)
+            if needed > self.info.num_kv_blocks:
+                raise ContextLengthError(
+                    f"a beam search of width {params.num_sequences} over {total} tokens may need {needed} KV blocks "
+                    f"but the engine holds {self.info.num_kv_blocks}; lower best_of or max_tokens",
+                    param="best_of",
+                )
 
     def _check_engine_limits(self, params: SamplingParams) -> None:
         """A request with more sequences than a batch holds would wait forever: reject it."""

@@ -62,14 +62,15 @@ class RequestState:
 
     @property
     def streams_deltas(self) -> bool:
-        """best_of > n ranks sequences at the end, so nothing is emitted before that."""
-        return self.params.num_sequences == self.params.n
+        """best_of > n ranks sequences at the end, and a beam search's beams arrive whole when it ends,
+        so nothing is emitted before that."""
+        return self.params.num_sequences == self.params.n and not self.params.use_beam_search
 
     def take_output(self) -> RequestOutput:
         """Snapshot for the caller: cumulative text plus the delta since the previous snapshot."""
         want_logprobs = self.params.logprobs is not None
         chosen = self.sequences
-        if not self.streams_deltas:
+        if not self.streams_deltas and not self.params.use_beam_search:  # beams come best first
             chosen = sorted(self.sequences, key=lambda s: s.cumulative_logprob, reverse=True)[: self.params.n]
         outputs = []
         for index, seq in enumerate(chosen):
@@ -110,8 +111,9 @@ class OutputProcessor:
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, stream: RequestStream,
             adapter_id: str | None) -> RequestState:
+        count = params.n if params.use_beam_search else params.num_sequences  # the core sends a search's n best
         sequences = [SequenceState(IncrementalDetokenizer(self.tokenizer, params, prompt_token_ids))
-                     for _ in range(params.num_sequences)]
+                     for _ in range(count)]
         state = RequestState(request_id, list(prompt_token_ids), params, stream, adapter_id, sequences)
         with self._lock:
             self._requests[request_id] = state

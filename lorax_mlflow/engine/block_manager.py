@@ -1,7 +1,8 @@
 """Paged KV cache bookkeeping: fixed-size blocks, reference counts, copy-on-write, prefix cache.
 
 Blocks are shared (ref count > 1) between the sequences of one request that forked from the same
-prompt (``n`` > 1), and between requests whose prompts start alike. A sequence about to write
+prompt (``n`` > 1), between the beams of a beam search that forked from the same beam, and
+between requests whose prompts start alike. A sequence about to write
 into a shared block gets its own copy first; the copy is returned to the caller so the runner can
 copy the K/V rows before the forward pass.
 
@@ -176,7 +177,7 @@ class BlockManager:
         seq.num_registered_blocks = len(hits)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let `child` share every block of `parent` (same prompt, copy-on-write later)."""
+        """Let `child` share every block of `parent` (same tokens so far, copy-on-write later)."""
         assert not child.block_table, "sequence already holds blocks"
         for block in parent.block_table:
             self.ref_counts[block] += 1
@@ -203,6 +204,20 @@ class BlockManager:
         new = blocks_needed(seq.num_tokens + num_drafts, self.block_size) - len(seq.block_table)
         shared = first < len(seq.block_table) and self.ref_counts[seq.block_table[first]] > 1
         return max(new, 0) + shared <= self.num_free_blocks
+
+    def num_blocks_to_append(self, seqs: list[Sequence]) -> int:
+        """Blocks :meth:`append_slot` takes to grow each of `seqs` by one token, in turn (beams that share
+        their last block: each copies it but the last holder, which keeps it)."""
+        new = 0
+        writers: dict[int, int] = {}
+        for seq in seqs:
+            new += max(blocks_needed(seq.num_tokens, self.block_size) - len(seq.block_table), 0)
+            index = (seq.num_tokens - 1) // self.block_size
+            if index < len(seq.block_table):
+                block = seq.block_table[index]
+                writers[block] = writers.get(block, 0) + 1
+        copies = sum(count - (self.ref_counts[block] == count) for block, count in writers.items())
+        return new + copies
 
     def append_slot(self, seq: Sequence, num_drafts: int = 0) -> tuple[int, int] | None:
         """Make room for the token at position ``num_tokens - 1`` and `num_drafts` draft tokens after it.

@@ -25,6 +25,7 @@ from lorax_mlflow.adapters.cache import AdapterCache, AdapterRequest, ResolvedAd
 from lorax_mlflow.adapters.merge import MergeSpec
 from lorax_mlflow.adapters.sources import AdapterSources
 from lorax_mlflow.default_model import cache_root
+from lorax_mlflow.engine.beam import BeamSearch
 from lorax_mlflow.engine.block_manager import BlockManager
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.messages import (
@@ -200,7 +201,11 @@ class EngineCore:
         except LoraxError as error:
             return RequestDelta(message.request_id, error=WireError.of(error))
         request = Request(message.request_id, list(message.prompt_token_ids), params)
-        for index in range(params.num_sequences):
+        if params.use_beam_search:
+            head = Sequence(message.request_id, list(message.prompt_token_ids), len(message.prompt_token_ids), params,
+                            adapter_key=message.adapter_key)
+            request.sequences = BeamSearch.of(head, self.eos_token_ids, self.runner.max_model_len).live
+        for index in range(0 if params.use_beam_search else params.num_sequences):
             request.sequences.append(Sequence(
                 request_id=request.request_id,
                 token_ids=list(message.prompt_token_ids),
@@ -296,17 +301,20 @@ class EngineCore:
         request, see `_emit_tokens`), and re-running a forward rewrites the same KV slots, so after a
         failure the requests that emitted nothing yet can be run again on their own."""
         seqs = [item.seq for item in scheduled if item.samples]  # a prefill chunk short of the prompt's end samples nothing
-        logits = self.runner.execute(scheduled, self.slots.ranks, self.speculator.needs_hidden(seqs))
+        sampled = [seq for seq in seqs if seq.beam is None]
+        logits = self.runner.execute(scheduled, self.slots.ranks, self.speculator.needs_hidden(sampled))
         for item in scheduled:
             if item.seq.seq_id in logits.prompt:
                 self._add_prompt_logprobs(item.seq, *logits.prompt[item.seq.seq_id])
-        plain = [row for row, seq in enumerate(seqs) if seq.seq_id not in logits.drafts]
+        plain = [row for row, seq in enumerate(seqs) if seq.seq_id not in logits.drafts and seq.beam is None]
         if plain:
             rows = plain if len(plain) < len(seqs) else slice(None)
             self._sample([seqs[row] for row in plain], logits.last[rows], deltas)
         accepted = self._accept_drafts([seq for seq in seqs if seq.seq_id in logits.drafts], logits.drafts, deltas)
         if self.speculator.enabled:
-            self.speculator.propose(seqs, logits.hidden, accepted, len(self.scheduler.running))
+            self.speculator.propose(sampled, logits.hidden, accepted, len(self.scheduler.running))
+        if len(sampled) < len(seqs):  # last: a search that advanced cannot run this step again
+            self._step_beams(seqs, logits.last, deltas)
 
     def _run_isolated(self, scheduled: list[ScheduledSequence], deltas: dict[str, RequestDelta]) -> None:
         """After a failed step: run each request's part of it alone; a request whose part fails again
@@ -336,6 +344,30 @@ class EngineCore:
             k = seq.params.logprobs or 0
             top = [list(zip(top_ids[row][:k], top_logprobs[row][:k]))] if k and top_ids is not None else None
             self._emit_tokens(seq, VerifiedRow([tokens[row]], [chosen[row]], top, 0, 0), deltas)
+
+    def _step_beams(self, seqs: list[Sequence], last_logits: torch.Tensor, deltas: dict[str, RequestDelta]) -> None:
+        """Advance each beam search whose beams ran (row i of `last_logits` is `seqs[i]`'s); a search that
+        ends sends its n best beams whole."""
+        row_of = {seq: row for row, seq in enumerate(seqs)}
+        searches = list(dict.fromkeys(seq.beam for seq in seqs if seq.beam is not None))
+        for search in searches:
+            request = self._requests.get(search.head.request_id)
+            if request is None:  # failed by an earlier row of this step
+                continue
+            try:
+                rows = torch.tensor([row_of[seq] for seq in search.live], device=last_logits.device)
+                chosen = search.select(last_logits[rows, : self.vocab_size])
+                self.scheduler.advance_beams(search, chosen)
+            except Exception as error:  # noqa: BLE001 - this request only
+                logger.exception("request %s failed in a beam search step", request.request_id)
+                deltas[request.request_id] = self._fail(request.request_id, EngineStepError(
+                    f"internal error while generating this request: {type(error).__name__}: {error}"))
+                continue
+            if search.done:
+                delta = self._delta(deltas, request)
+                delta.sequences = [SequenceDelta(index, hypothesis.token_ids, hypothesis.logprobs,
+                                                 finish_reason=hypothesis.finish_reason)
+                                   for index, hypothesis in enumerate(search.best())]
 
     def _accept_drafts(
         self, seqs: list[Sequence], logits: dict[int, torch.Tensor], deltas: dict[str, RequestDelta]

@@ -1,4 +1,4 @@
-"""A request as the core sees it: one prompt and its `best_of` (or `n`) sequences."""
+"""A request as the core sees it: one prompt and its `best_of` (or `n`) sequences, or a beam search's live beams."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     sequences: list[Sequence] = field(default_factory=list)
+    """Its sequences; for a beam search, the search's live beams (the same list, changed by each step)."""
     first_scheduled_time: float | None = None
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]] | None] | None = None
     """Grows chunk by chunk for requests that asked for them; sent to the client once complete."""

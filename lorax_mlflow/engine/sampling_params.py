@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from lorax_mlflow.structured import Constraint
 
 MAX_TOP_LOGPROBS = 20
+MAX_LENGTH_PENALTY = 10.0
+"""Beyond it length ** length_penalty overflows a float for long contexts (and no use is known)."""
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -47,6 +49,13 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_output: Constraint | None = None
     """A grammar the output must match (JSON schema, regex, choice, EBNF, tool calls); None: free text."""
+    use_beam_search: bool = False
+    """Beam search of width `num_sequences` returning the `n` best beams (see engine/beam.py); the
+    sampling fields then do not apply."""
+    length_penalty: float = 1.0
+    """Beam search: a finished beam scores cumulative_logprob / length ** length_penalty."""
+    early_stopping: bool | str = False
+    """Beam search: True, False or "never", as in transformers' generate."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +96,8 @@ class SamplingParams:
                 f"must be in [0, {MAX_TOP_LOGPROBS}]",
             )
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        if self.use_beam_search:
+            self._validate_beam_search()
         if self.seed is not None:
             _check(isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64, "seed",
                    "must be an integer in [-2^63, 2^64)")
@@ -96,3 +107,16 @@ class SamplingParams:
             for tok in [*self.logit_bias, *self.stop_token_ids]:
                 _check(0 <= tok < vocab_size, "logit_bias" if tok in self.logit_bias else "stop_token_ids",
                        f"token id {tok} is outside the vocabulary [0, {vocab_size})")
+
+    def _validate_beam_search(self) -> None:
+        _check(-MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY, "length_penalty",
+               f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}]")
+        _check(isinstance(self.early_stopping, bool) or self.early_stopping == "never", "early_stopping",
+               'must be true, false or "never"')
+        unsupported = {
+            "logprobs": self.logprobs is not None or self.prompt_logprobs is not None,
+            "stop": bool(self.stop),
+            self.structured_output.param if self.structured_output is not None else "": self.structured_output,
+        }
+        for name, present in unsupported.items():
+            _check(not present, name, "cannot be combined with use_beam_search")

@@ -13,6 +13,11 @@ back to the front of the queue to be recomputed later.
 The sequences of an ``n`` > 1 request share their prompt's blocks: the first one prefills them and
 the others sample from its last-token logits in the step that completes the prompt.
 
+A beam search (engine/beam.py) is admitted as its head sequence, with seats held for all its beams;
+its live beams are then scheduled together or not at all, forked after each step by
+:meth:`Scheduler.advance_beams`, and preempted together: preempting any of them restarts the
+search from its prompt.
+
 Prefix caching: an admitted request starts its prefill after the longest run of cached full blocks
 of its tokens under the weights of its adapter slot (see block_manager); every block a step
 completes is offered to the cache as it is scheduled, so a request admitted in the same step
@@ -28,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from lorax_mlflow.engine.beam import BeamSearch, Continuation
 from lorax_mlflow.engine.block_manager import BASE_MODEL_IDENTITY, BlockManager
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.prefill_budget import PrefillBudget
@@ -118,12 +124,22 @@ class Scheduler:
     def _is_prefilling(self, seq: Sequence) -> bool:
         return seq in self.prefilling or seq in self._sibling_of
 
+    def _seats_taken(self) -> int:
+        """Running sequences, plus the seats of the beams a search still prefilling its prompt will fork."""
+        return len(self.running) + sum(seq.beam.width - 1 for seq in self.prefilling if seq.beam is not None)
+
     def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> None:
+        searches: set[BeamSearch] = set()
         for seq in list(self.running):
             if out.num_decode_tokens >= budget:
                 break  # the rest decode next step
             if seq.status is not SequenceStatus.RUNNING or self._is_prefilling(seq):
                 continue  # preempted earlier in this loop, or not decoding yet
+            if seq.beam is not None:
+                if seq.beam not in searches:
+                    searches.add(seq.beam)
+                    self._schedule_beams(out, seq.beam, budget)
+                continue
             drafts = seq.draft_token_ids[: max(budget - out.num_decode_tokens - 1, 0)]
             if drafts and not self.block_manager.can_append(seq, len(drafts)):
                 drafts = []  # speculation never costs a preemption
@@ -142,6 +158,60 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, new_tokens, draft_token_ids=drafts))
             out.num_decode_tokens += 1 + len(drafts)
 
+    def _schedule_beams(self, out: SchedulerOutput, search: BeamSearch, budget: int) -> None:
+        """Schedule every live beam of `search` for one token, or none of them (they step together).
+        A search may exceed the token budget when it comes first, else it could never run."""
+        beams = list(search.live)
+        if out.num_decode_tokens and out.num_decode_tokens + len(beams) > budget:
+            return
+        while self.block_manager.num_blocks_to_append(beams) > self.block_manager.num_free_blocks:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim.beam is search:
+                return
+        for seq in beams:
+            copy = self.block_manager.append_slot(seq)
+            if copy is not None:
+                out.block_copies.append(copy)
+            self.block_manager.cache_full_blocks(seq, seq.num_tokens)
+            out.scheduled.append(ScheduledSequence(seq, seq.num_tokens - seq.num_cached_tokens))
+            out.num_decode_tokens += 1
+
+    def advance_beams(self, search: BeamSearch, chosen: list[Continuation]) -> None:
+        """After a step of `search`: `chosen` become its live beams (none once it is done).
+
+        A beam continued once goes on as itself; each further continuation is a new sequence sharing
+        its blocks (copy-on-write when it next appends); a beam not continued frees its blocks. The
+        group keeps its place in ``running`` (its preemption priority).
+        """
+        parents = list(search.live)
+        if search.done:
+            for seq in parents:
+                self.finish(seq, "stop")
+            return
+        beams: list[Sequence] = []
+        continued: set[int] = set()
+        for continuation in chosen:
+            parent = parents[continuation.parent]
+            if continuation.parent not in continued:
+                continued.add(continuation.parent)
+                beams.append(parent)
+                continue
+            child = search.copy_of(parent)
+            self.block_manager.fork(parent, child)
+            slot = self.adapter_slots.acquire(child.adapter_key)
+            assert slot is not None, "a running beam's adapter holds its slot"
+            child.lora_slot = slot
+            beams.append(child)
+        at = self.running.index(parents[0])
+        for index, parent in enumerate(parents):
+            if index not in continued:
+                self.finish(parent, "stop")
+        members = set(parents)
+        self.running = [seq for seq in self.running if seq not in members]
+        self.running[at:at] = beams
+        search.advance(beams, chosen)
+
     def _schedule_chunk(self, out: SchedulerOutput, head: Sequence, budget: int) -> int:
         """Schedule the next prefill chunk of `head` (at most `budget` tokens); returns its size."""
         remaining = head.num_tokens - head.num_cached_tokens
@@ -159,12 +229,13 @@ class Scheduler:
 
     def _admit_prefills(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[list[Sequence]] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._seats_taken() < self.config.max_num_seqs:
             group = self.waiting.popleft()
             if all(s.is_finished for s in group):
                 continue
             head = group[0]
-            if len(self.running) + len(group) > self.config.max_num_seqs:
+            seats = head.beam.width if head.beam is not None else len(group)
+            if self._seats_taken() + seats > self.config.max_num_seqs:
                 self.waiting.appendleft(group)
                 break
             try:
@@ -225,7 +296,15 @@ class Scheduler:
         self.block_manager.discard_pending()
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free `seq` (with the siblings waiting on its prefill) and queue it for recomputation."""
+        """Free `seq` (with the siblings waiting on its prefill) and queue it for recomputation;
+        a beam frees its whole search, which starts over from its prompt."""
+        if seq.beam is not None:
+            logger.debug("preempting the beam search of request %s (it starts over)", seq.request_id)
+            for member in seq.beam.live:
+                self._release(member)
+                member.status = SequenceStatus.WAITING
+            self.waiting.appendleft([seq.beam.restart()])
+            return
         logger.debug("preempting sequence %s (recompute)", seq.seq_id)
         group = [seq, *self.prefilling.get(seq, [])]
         for member in group:

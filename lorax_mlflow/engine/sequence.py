@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lorax_mlflow.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lorax_mlflow.engine.beam import BeamSearch
 
 _ids = itertools.count()
 
@@ -53,6 +56,8 @@ class Sequence:
     """Prefix cache: hashes of the first full blocks of ``token_ids`` under ``hash_identity``."""
     num_registered_blocks: int = 0
     """Prefix cache: leading blocks of ``block_table`` already offered to the cache."""
+    beam: BeamSearch | None = None
+    """The beam search this sequence is a live beam of (scheduled, preempted and forked with its group)."""
 
     @property
     def num_tokens(self) -> int:
