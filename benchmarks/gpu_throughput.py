@@ -53,6 +53,8 @@ class DecodeStep:
     """KV positions the step attends over, summed over the batch."""
     adapters: int
     """Distinct adapters in the batch."""
+    sequences: int
+    """Sequences decoded (one token each)."""
 
 
 @contextmanager
@@ -72,6 +74,7 @@ def timed_decode_steps(runner: ModelRunner, batch: int) -> Iterator[list[DecodeS
                 seconds=time.perf_counter() - started,
                 context_tokens=sum(item.seq.num_tokens for item in scheduled),
                 adapters=len({item.seq.lora_slot for item in scheduled} - {-1}),
+                sequences=len(scheduled),
             ))
         return logits
 
@@ -149,6 +152,42 @@ def roofline_seconds(step: DecodeStep, runner: ModelRunner, rank: int, bandwidth
     per_adapter = sum(rank * (i + o) for i, o in runner.base_modules.values()) * itemsize
     kv = step.context_tokens * kv_bytes_per_token(cfg, itemsize)
     return (weights + kv + step.adapters * per_adapter) / bandwidth_bytes_per_s
+
+
+def compute_floor_seconds(step: DecodeStep, runner: ModelRunner, rank: int, flops_per_s: float) -> float:
+    """Multiply-adds one decode step must do, at the GEMM rate measured in the same run: every weight
+    matrix but the input embedding once per sequence, attention over the context, and each sequence's
+    adapter. On a CPU without wide matrix units (AVX2 only) a 16-sequence decode step is bound by this,
+    not by the bytes it reads."""
+    model, cfg = runner.model, runner.hf_config
+    embedding = model.get_input_embeddings().weight
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embedding)
+    if embedding is model.get_output_embeddings().weight:
+        matrices += embedding.numel()
+    per_token_adapter = sum(rank * (i + o) for i, o in runner.base_modules.values()) if step.adapters else 0
+    attention = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim  # q.k and p.v per position
+    flops = 2 * (step.sequences * (matrices + per_token_adapter) + step.context_tokens * attention)
+    return flops / flops_per_s
+
+
+def gemm_flops_per_s(device: torch.device, dtype: torch.dtype, rows: int, inner: int, outer: int,
+                     repeats: int = 20) -> float:
+    """FLOP/s of one [rows, inner] x [inner, outer] matmul, the shape of a decode step's largest GEMMs,
+    with this process's torch threads: the compute ceiling the step's own matmuls run against."""
+    x = torch.randn(rows, inner, device=device, dtype=dtype)
+    w = torch.randn(outer, inner, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return 2 * rows * inner * outer / sorted(times)[len(times) // 2]
 
 
 def kv_bytes_per_token(config: LlamaConfig, itemsize: int) -> int:

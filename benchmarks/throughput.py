@@ -10,11 +10,18 @@ projections, every adapter warm. Rows:
   predict()           mlflow.pyfunc.load_model(...).predict from `--requests` threads
   HTTP server         `lorax-mlflow serve` (a subprocess), `--requests` concurrent SSE chat streams
   PEFT                mixed-batch generate(adapter_names=...), padded, this process's main thread
-  vLLM-CPU            offline LLM.generate in /tmp/vllm-venv (a subprocess), when that venv exists
+  vLLM-CPU            offline LLM.generate in /tmp/vllm-venv (a subprocess), when that venv exists, in
+                      bf16 (the issues' setting) and fp32; the ratios take the faster of the two
 
-Then the ratios of the issue's targets: predict() and HTTP mixed >= 0.9x the engine client's mixed;
-predict() mixed >= 1.0x vLLM-CPU mixed and >= 2x PEFT mixed; core with 2 threads >= 1.3x 1 thread.
-Run from the repository root: python -m benchmarks.throughput [--quick]
+The decode step (in-process, 1 thread) is printed against two floors measured in the same run: its
+memory roofline (bytes read / copy bandwidth) and its compute floor (multiply-adds / the FLOP/s of a
+decode-shaped GEMM); the larger of the two is the roofline.
+Then the ratios of the engine-core issue's targets (predict() and HTTP mixed >= 0.9x the engine
+client's mixed; predict() mixed >= 1.0x vLLM-CPU mixed and >= 2x PEFT mixed; core with 2 threads
+>= 1.3x 1 thread) and of the step-cost issue's (predict() mixed >= 1.5x vLLM mixed, base-only >= 1.0x
+vLLM base-only, mixed / base-only >= 0.85, mixed >= 3x PEFT, decode step <= 3x its roofline).
+Run from the repository root: python -m benchmarks.throughput [--quick] (the step-cost issue's
+workload is --max-tokens 64)
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorax_mlflow
 from benchmarks.common import PROMPTS, device_label, machine_line, make_random_adapters
-from benchmarks.gpu_throughput import roofline_seconds, timed_decode_steps
+from benchmarks.gpu_throughput import compute_floor_seconds, gemm_flops_per_s, roofline_seconds, timed_decode_steps
 from benchmarks.kernels import copy_bandwidth_bytes_per_ms
 from benchmarks.serving import free_port, start_process, stop_process
 from lorax_mlflow.adapters.cache import AdapterRequest
@@ -164,18 +171,20 @@ def peft_mixed_rate(base: Path, folders: dict[str, Path], tokenizer, prompts, na
     return timed(run)
 
 
-def vllm_rates(base: Path, folders: dict[str, Path], prompts, names: list[str], args) -> dict[str, float] | None:
+def vllm_rates(base: Path, folders: dict[str, Path], prompts, names: list[str], args,
+               dtype: str) -> dict[str, float] | None:
     if not VLLM_PYTHON.exists():
         return None
     job = {"base": str(base), "adapters": {n: str(f) for n, f in folders.items()}, "prompts": prompts,
-           "per_request": names, "max_tokens": args.max_tokens, "rank": args.rank}
+           "per_request": names, "max_tokens": args.max_tokens, "rank": args.rank, "dtype": dtype}
     script = Path(__file__).parent / "peers" / "vllm_throughput.py"
     done = subprocess.run([str(VLLM_PYTHON), str(script)], input=json.dumps(job), capture_output=True, text=True,
                           timeout=3600)
     if done.returncode != 0:
         print(f"vLLM-CPU failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = [line for line in done.stdout.splitlines() if line.startswith("{")]  # vLLM logs to stdout too
+    return json.loads(result[-1])
 
 
 # ----- run -----------------------------------------------------------------------------------------
@@ -231,14 +240,19 @@ def main() -> None:
     rows["in-process thread, 1 thr"] = measure(rate, names, base_names, args.repeats)
     runner = client.core.runner  # in-process: the decode steps can be timed against their roofline
     bandwidth = copy_bandwidth_bytes_per_ms(runner.device, repeats=5) * 1e3
+    hidden, intermediate = runner.hf_config.hidden_size, runner.hf_config.intermediate_size
+    gemm_rate = gemm_flops_per_s(runner.device, runner.dtype, len(prompts), hidden, 2 * intermediate)
     for label, round_names in (("in-process, base only", base_names), (f"in-process, {args.adapters} adapters", names)):
         with timed_decode_steps(runner, len(prompts)) as steps:
             rate(round_names)
         if steps:
             median = sorted(steps, key=lambda step: step.seconds)[len(steps) // 2]
-            floor = roofline_seconds(median, runner, args.rank, bandwidth)
-            step_lines.append(f"{label:<32} {median.seconds * 1e3:>15.2f} {floor * 1e3:>12.2f} "
-                              f"{median.seconds / floor:>14.2f}")
+            memory = roofline_seconds(median, runner, args.rank, bandwidth)
+            compute = compute_floor_seconds(median, runner, args.rank, gemm_rate)
+            step_lines.append(f"{label:<32} {median.seconds * 1e3:>15.2f} {memory * 1e3:>10.2f} "
+                              f"{compute * 1e3:>11.2f} {median.seconds / max(memory, compute):>14.2f}")
+    step_lines.insert(0, f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, decode-shaped GEMM "
+                         f"[{len(prompts)}x{hidden}]x[{hidden}x{2 * intermediate}] {gemm_rate / 1e9:.1f} GFLOP/s")
     client.shutdown()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,7 +279,8 @@ def main() -> None:
     if not args.skip_peft:
         peft = [peft_mixed_rate(base, folders, tokenizer, prompts, names, args.max_tokens, args.device, args.dtype) for _ in range(args.repeats)]
         rows["PEFT mixed-batch generate"] = {"mixed": sorted(peft)[len(peft) // 2]}
-    rows["vLLM-CPU (bf16, offline)"] = vllm_rates(base, folders, prompts, names, args)
+    for dtype in ("bfloat16", "float32"):
+        rows[f"vLLM-CPU ({dtype}, offline)"] = vllm_rates(base, folders, prompts, names, args, dtype)
 
     report(rows, step_lines, args)
 
@@ -286,11 +301,13 @@ def report(rows: dict[str, dict[str, float] | None], step_lines: list[str], args
     for name, row in rows.items():
         print(f"{name:<32} {cell(row, 'base_only'):>16} {cell(row, 'mixed'):>12}")
 
+    def best(prefix: str, kind: str) -> float | None:
+        """The fastest row starting with `prefix` (vLLM: the better of its two dtypes)."""
+        values = [row[kind] for name, row in rows.items() if name.startswith(prefix) and row and kind in row]
+        return max(values) if values else None
+
     def mixed(prefix: str) -> float | None:
-        for name, row in rows.items():
-            if name.startswith(prefix) and row is not None:
-                return row["mixed"]
-        return None
+        return best(prefix, "mixed")
 
     threads = args.core_threads
     client = mixed(f"engine client, core {max(threads)} thr")
@@ -302,12 +319,19 @@ def report(rows: dict[str, dict[str, float] | None], step_lines: list[str], args
         (f"core {max(threads)} thr mixed / core {min(threads)} thr mixed", client,
          mixed(f"engine client, core {min(threads)} thr"), 1.3),
         ("engine client mixed / in-process thread mixed", client, mixed("in-process thread"), None),
+        ("step cost: predict() mixed / vLLM-CPU mixed", mixed("predict()"), mixed("vLLM-CPU"), 1.5),
+        ("step cost: predict() base-only / vLLM-CPU base-only", best("predict()", "base_only"),
+         best("vLLM-CPU", "base_only"), 1.0),
+        ("step cost: predict() mixed / predict() base-only", mixed("predict()"), best("predict()", "base_only"), 0.85),
+        ("step cost: predict() mixed / PEFT mixed", mixed("predict()"), mixed("PEFT"), 3.0),
     ]
     if step_lines:
-        print(f"\ndecode step (all {args.requests} sequences, median) against its memory roofline: weights + KV + "
-              "active adapters read per step / copy bandwidth measured in this run")
-        print(f"{'run':<32} {'decode step ms':>15} {'roofline ms':>12} {'step/roofline':>14}")
-        for line in step_lines:
+        print(f"\ndecode step (all {args.requests} sequences, in-process, 1 thread, median) against its floors: "
+              "memory = weights + KV + active adapters read / copy bandwidth; compute = multiply-adds / GEMM "
+              "rate; roofline = the larger (target: step <= 3x)")
+        print(step_lines[0])
+        print(f"{'run':<32} {'decode step ms':>15} {'memory ms':>10} {'compute ms':>11} {'step/roofline':>14}")
+        for line in step_lines[1:]:
             print(line)
     print()
     for name, top, bottom, target in ratios:

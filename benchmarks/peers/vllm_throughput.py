@@ -1,7 +1,7 @@
 """vLLM's CPU build on the same workload, run by benchmarks/throughput.py inside vLLM's own venv.
 
 Reads a JSON job from stdin ({"base", "adapters": {name: folder}, "prompts": [[ids]], "per_request":
-[name or null], "max_tokens", "rank"}) and prints one JSON line {"base_only": tok/s, "mixed": tok/s}:
+[name or null], "max_tokens", "rank", "dtype"}) and prints one JSON line {"base_only": tok/s, "mixed": tok/s}:
 offline `LLM.generate` over all prompts at once, greedy, ignore_eos, after a warm-up that loads
 every adapter. Not imported by the package: vLLM lives only in that venv.
 """
@@ -25,7 +25,7 @@ def main() -> None:
 
     names = sorted(job["adapters"])
     llm = LLM(model=job["base"], enable_lora=True, max_loras=len(names), max_lora_rank=job["rank"],
-              dtype="bfloat16", max_model_len=2048, seed=0, gpu_memory_utilization=MEMORY_FRACTION)
+              dtype=job.get("dtype", "bfloat16"), max_model_len=2048, seed=0, gpu_memory_utilization=MEMORY_FRACTION)
     loras = {name: LoRARequest(name, i + 1, job["adapters"][name]) for i, name in enumerate(names)}
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
     prompts = [{"prompt_token_ids": ids} for ids in job["prompts"]]
