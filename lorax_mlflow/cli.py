@@ -122,6 +122,7 @@ def default_model_path() -> Path:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lorax_mlflow.redact import uvicorn_log_config
     from lorax_mlflow.server import create_app, load_served_model
     from lorax_mlflow.server.adapter_admin import preload_adapters
 
@@ -139,7 +140,7 @@ def serve(args: argparse.Namespace) -> int:
 
     app = create_app(load, admin_token=token, max_request_bytes=args.max_request_bytes)
     logger.info("serving %s on http://%s:%d", model_uri or "the embedded default model", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=uvicorn_log_config())
     return 0
 
 

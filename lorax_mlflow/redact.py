@@ -41,9 +41,20 @@ def redact_text(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter (for handlers) that redacts secrets from the formatted message and traceback."""
+    """A logging filter (for handlers) that redacts secrets from the message, its arguments and the traceback.
+
+    String arguments are redacted one by one, so formatters that read ``record.args`` themselves
+    (uvicorn's access log unpacks client, method, path, version, status) keep working; a secret
+    that only appears once the message is formatted makes the record a plain redacted string.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_text(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_text(arg) if isinstance(arg, str) else arg for arg in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = redact(record.args)
         message = record.getMessage()
         redacted = redact_text(message)
         if redacted != message:
@@ -51,6 +62,8 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             formatted = logging.Formatter().formatException(record.exc_info)
             record.exc_text = redact_text(formatted)
+        elif record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
         return True
 
 
@@ -59,3 +72,18 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's own logging config with a RedactingFilter on each of its handlers: its access lines
+    (request paths with their query strings) and its error lines ("Exception in ASGI application"
+    and the traceback) are redacted like the application's logs. Pass it as ``log_config``."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_secrets"] = {"()": RedactingFilter}
+    for handler in config["handlers"].values():
+        handler["filters"] = [*handler.get("filters", []), "redact_secrets"]
+    return config

@@ -10,6 +10,7 @@ from typing import Any
 
 from lorax_mlflow.adapters.cache import ResolvedAdapter
 from lorax_mlflow.chat.templates import ChatTemplates
+from lorax_mlflow.client.cancel_scope import join_current_scope
 from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.client.stream import RequestStream
 from lorax_mlflow.engine.sampling_params import SamplingParams
@@ -114,7 +115,9 @@ class LoraxService:
         return PreparedRequest(tokenizer.encode(require_valid_text(inputs, "inputs")), parameters, adapter, model=adapter.adapter_id or self.base_model_name)
 
     def submit(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
-        return self.engine.submit(prepared.prompt_token_ids, prepared.params, prepared.adapter, loop=loop)
+        """Start `prepared`; inside a CancelScope (/invocations), cancelling the scope aborts it."""
+        return join_current_scope(
+            self.engine.submit(prepared.prompt_token_ids, prepared.params, prepared.adapter, loop=loop))
 
 
 def _small_int(value: Any) -> int:

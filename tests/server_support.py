@@ -30,8 +30,9 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(source: ModelSource, **app_options) -> Iterator[RunningServer]:
-    config = uvicorn.Config(create_app(source, **app_options), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+def running_server(source: ModelSource, *, uvicorn_options: dict | None = None, **app_options) -> Iterator[RunningServer]:
+    options = {"log_level": "warning", **(uvicorn_options or {})}
+    config = uvicorn.Config(create_app(source, **app_options), host="127.0.0.1", port=0, lifespan="on", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()

@@ -1,9 +1,10 @@
 """Hostile input against the real server: every reproducer of the hardening issue answers a 4xx
 naming the parameter, nothing outside the adapter roots is opened, and 16 streams running
-meanwhile finish normally with exactly the tokens they produce without the hostile request.
+meanwhile finish normally with exactly the token ids they produce without the hostile request.
 
 The server runs offline (``HF_HUB_OFFLINE=1``, an empty hub cache) over the tiny model, with
-packaged adapters "a" and "b" and an adapter root holding good and bad adapters.
+packaged adapters "a" and "b" and an adapter root holding good and bad adapters. Its engine core
+runs in-process, so the audit hook that records opened files sees the core's opens too.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def hostile(tmp_path_factory, tiny_model_dir, tiny_adapters, hostile_root):
             path, base_model=str(tiny_model_dir), adapters={"a": tiny_adapters["a"], "b": tiny_adapters["b"]},
             adapter_roots=[hostile_root],
             engine_config={**TINY_ENGINE, "download_dir": str(tmp_path_factory.mktemp("downloads")),
-                           "max_num_seqs": 32},
+                           "max_num_seqs": 32, "max_model_len": 512, "in_process": True,
+                           "grammar_compile_timeout_s": 0.5},
         )
         served = load_tiny_model(path)
         with running_server(served) as server:
@@ -95,34 +97,37 @@ def engine(hostile):
 
 # --- 16 streams running meanwhile ------------------------------------------------------------------
 
-STREAM_MODELS = ["a", "b", ""]
+STREAM_ADAPTERS = ["a", "b", None]
 
 
 def stream_body(index: int) -> dict:
-    return {"model": STREAM_MODELS[index % len(STREAM_MODELS)], "prompt": [1, 100 + index, 200 + index, 300],
-            "max_tokens": STREAM_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+    return {"inputs": f"Stream {index} counts:", "parameters": {
+        "adapter_id": STREAM_ADAPTERS[index % len(STREAM_ADAPTERS)], "max_new_tokens": STREAM_TOKENS,
+        "ignore_eos_token": True, "do_sample": False, "details": True}}
 
 
-def read_stream(url: str, body: dict) -> tuple[list[str], str | None]:
-    texts, finish = [], None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+def read_stream(url: str, body: dict) -> list[int]:
+    """The token ids of one LoRAX /generate_stream, checked to end normally after STREAM_TOKENS tokens."""
+    token_ids, finish = [], None
+    with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data:"):
                 continue
-            event = json.loads(line[len("data: "):])
+            event = json.loads(line[len("data:"):])
             assert "error" not in event, event
-            for choice in event["choices"]:
-                texts.append(choice["text"])
-                finish = choice["finish_reason"] or finish
-    return texts, finish
+            token_ids.append(event["token"]["id"])
+            if event.get("details"):
+                finish = event["details"]["finish_reason"]
+    assert finish == "length" and len(token_ids) == STREAM_TOKENS, (finish, token_ids)
+    return token_ids
 
 
 class Streams:
-    """STREAMS completions streams on background threads."""
+    """STREAMS greedy streams (adapters a, b and the base model) on background threads."""
 
     def __init__(self, url: str) -> None:
-        self.results: dict[int, tuple[list[str], str | None] | BaseException] = {}
+        self.results: dict[int, list[int] | BaseException] = {}
         self.threads = [threading.Thread(target=self._run, args=(url, i), daemon=True) for i in range(STREAMS)]
 
     def _run(self, url: str, index: int) -> None:
@@ -140,21 +145,20 @@ class Streams:
         for thread in self.threads:
             thread.join(timeout=120)
 
-    def outputs(self) -> list[str]:
-        texts = []
+    def outputs(self) -> list[list[int]]:
+        """Each stream's token ids (raises what a stream raised)."""
+        outputs = []
         for index in range(STREAMS):
             result = self.results[index]
             if isinstance(result, BaseException):
                 raise result
-            pieces, finish = result
-            assert finish == "length", (index, finish)
-            texts.append("".join(pieces))
-        return texts
+            outputs.append(result)
+        return outputs
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(server) -> list[str]:
-    """What the 16 streams produce with nothing hostile around."""
+def reference_outputs(server) -> list[list[int]]:
+    """The token ids the 16 streams produce with nothing hostile around."""
     with Streams(server.url) as streams:
         pass
     return streams.outputs()
@@ -167,6 +171,7 @@ def wait_until_streaming(engine, minimum: int = 4, timeout: float = 30) -> None:
 
 
 def assert_4xx(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    """The expected status (a 4xx, or 200 for hostile input that must simply work), naming `param`."""
     assert response.status_code == status, response.text
     body = response.json()
     error = body.get("error", body)
@@ -219,6 +224,15 @@ HOSTILE = {
     "S3 outside the allowlist": ("/v1/completions", {"model": "s3://bucket/x", "prompt": "hi", "max_tokens": 2}, 403,
                                  "adapter_id"),
     "S3 whole bucket": ("/v1/completions", {"model": "s3://bucket", "prompt": "hi", "max_tokens": 2}, 400, "adapter_id"),
+    "unknown adapter on /invocations": (
+        "/invocations", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                         "custom_inputs": {"adapter_id": "bar0"}}, 404, None),
+    "a grammar too slow to compile": (  # the server waits 0.5 s (grammar_compile_timeout_s) for a compile
+        "/v1/completions", {"model": "", "prompt": "hi", "max_tokens": 2,
+                            "guided_grammar": "root ::= " + " ".join(['"a"*'] * 150)}, 400, "guided_grammar"),
+    # loads: the pattern is matched with a time budget, off the loop (it froze the server for 3 s per module)
+    "catastrophic backtracking in rank_pattern": (
+        "/v1/completions", {"model": "{root}/backtracking-pattern", "prompt": "hi", "max_tokens": 2}, 200, None),
 }
 
 
@@ -226,48 +240,23 @@ def fill_root(body: dict, root: Path) -> dict:
     return json.loads(json.dumps(body).replace("{root}", str(root)))
 
 
-@pytest.mark.parametrize("case", list(HOSTILE))
-def test_hostile_request_gets_its_4xx_and_running_streams_are_untouched(
-    case, server, engine, hostile_root, reference_outputs, audit_opens
-):
-    route, body, status, param = HOSTILE[case]
-    with Streams(server.url) as streams, audit_opens() as opened:
-        wait_until_streaming(engine)
-        # json.dumps escapes lone surrogates as \udXXX, as a hostile client's JSON would carry them
-        response = httpx.post(server.url + route, content=json.dumps(fill_root(body, hostile_root)),
-                              headers={"content-type": "application/json"}, timeout=60)
-        assert_4xx(response, status, param)
-    assert streams.outputs() == reference_outputs
-    outside = hostile_root.parent / "outside"
-    assert not [path for path in opened if path.startswith(str(outside)) or path == "/etc/passwd"]
+def post_json(server, route: str, body: dict, root: Path) -> httpx.Response:
+    # json.dumps escapes lone surrogates as \udXXX, as a hostile client's JSON would carry them
+    return httpx.post(server.url + route, content=json.dumps(fill_root(body, root)),
+                      headers={"content-type": "application/json"}, timeout=60)
 
 
-def test_the_bad_token_id_reproducer_on_its_own(server):
-    response = httpx.post(server.url + "/v1/completions", json={"model": "a", "prompt": [VOCAB], "max_tokens": 4})
-    error = assert_4xx(response, 400, "prompt")["error"]
-    assert f"[0, {VOCAB})" in error["message"]
-
-
-def test_backtracking_rank_pattern_loads_and_the_server_stays_responsive(server, hostile_root):
-    body = {"model": str(hostile_root / "backtracking-pattern"), "prompt": "hi", "max_tokens": 2}
-    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
-    assert httpx.get(server.url + "/health").status_code == 200
-
-
-# --- body limit -------------------------------------------------------------------------------------
-
-
-def test_a_20_mb_message_is_refused_with_413_before_it_is_parsed(server):
+def post_20_mb_message(server, root: Path, served) -> None:
+    """It took 22.5 s and +1.7 GB to be rejected; now a 413 before the body is read."""
     body = json.dumps({"model": "", "messages": [{"role": "user", "content": "x" * (20 << 20)}]}).encode()
-    started = time.monotonic()
     response = httpx.post(server.url + "/v1/chat/completions", content=body,
                           headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
-    assert time.monotonic() - started < 30  # a hang guard: it took 22.5 s and +1.7 GB before
 
 
-def test_a_chunked_body_over_the_limit_is_refused_too(server):
+def post_chunked_body_over_the_limit(server, root: Path, served) -> None:
+    """No Content-Length to refuse up front: counted as it arrives, refused once past the limit."""
     def chunks() -> Iterator[bytes]:
         yield b'{"model": "", "prompt": "'
         for _ in range(10):
@@ -279,25 +268,105 @@ def test_a_chunked_body_over_the_limit_is_refused_too(server):
     assert response.status_code == 413
 
 
-def test_deeply_nested_json_on_invocations_is_a_400(server):
+def post_deeply_nested_json_to_invocations(server, root: Path, served) -> None:
     body = "[" * 100_000 + "]" * 100_000
     response = httpx.post(server.url + "/invocations", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
 
 
+LEAVING = {  # non-streaming requests long enough that they cannot end before their client leaves
+    "/v1/completions": {"model": "a", "prompt": "hello", "max_tokens": 450, "temperature": 0, "ignore_eos": True},
+    "/generate": {"inputs": "hello", "parameters": {"adapter_id": "b", "max_new_tokens": 450,
+                                                    "ignore_eos_token": True}},
+    "/invocations": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 450,
+                     "custom_inputs": {"adapter_id": "a", "ignore_eos": True}},
+}
+
+
+def leave_early(server, route: str) -> None:
+    """Send a long non-streaming request and hang up before its answer."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + route, json=LEAVING[route], timeout=httpx.Timeout(5, read=0.3))
+
+
+def leave_early_everywhere(server, root: Path, served) -> None:
+    for route in LEAVING:
+        leave_early(server, route)
+
+
+def render_budget_busting_templates(server, root: Path, served) -> None:
+    """With the operator's consent request templates render sandboxed: the nested loops ran 5.9 s and
+    stalled every stream 4.4 s, the repeat took 32 s and 2.4 GB; now each is a 400 within its budget."""
+    from lorax_mlflow.chat.templates import ChatTemplates
+
+    service = served.service
+    with pytest.MonkeyPatch.context() as patch:  # as `--trust-request-chat-template` starts it
+        patch.setattr(service, "templates", ChatTemplates(service.engine.tokenizer, trust_request_templates=True,
+                                                          max_render_seconds=0.5))
+        for template in (BUDGET_BUSTERS["nested loops"], BUDGET_BUSTERS["a huge repeat"]):
+            body = {"model": "", "messages": [{"role": "user", "content": "hi"}], "chat_template": template}
+            assert_4xx(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60), 400, "chat_template")
+
+
+HOSTILE_ACTIONS = {
+    "a 20 MB message": post_20_mb_message,
+    "a chunked body over the limit": post_chunked_body_over_the_limit,
+    "deeply nested JSON on /invocations": post_deeply_nested_json_to_invocations,
+    "non-streaming clients leaving on /v1, /generate and /invocations": leave_early_everywhere,
+    "budget-busting request templates, trusted": render_budget_busting_templates,
+}
+
+
+@pytest.mark.parametrize("case", [*HOSTILE, *HOSTILE_ACTIONS])
+def test_hostile_request_gets_its_4xx_and_running_streams_keep_their_tokens(
+    case, hostile, engine, hostile_root, reference_outputs, audit_opens
+):
+    server, served = hostile
+    with Streams(server.url) as streams, audit_opens() as opened:
+        wait_until_streaming(engine)
+        if case in HOSTILE:
+            route, body, status, param = HOSTILE[case]
+            assert_4xx(post_json(server, route, body, hostile_root), status, param)
+        else:
+            HOSTILE_ACTIONS[case](server, hostile_root, served)
+    assert streams.outputs() == reference_outputs
+    outside = hostile_root.parent / "outside"
+    assert not [path for path in opened if path.startswith(str(outside)) or path == "/etc/passwd"]
+
+
+def test_the_audit_hook_sees_the_cores_adapter_opens(server, hostile_root, audit_opens):
+    """The check above means something: loading an adapter from the root shows up as opens."""
+    with audit_opens() as opened:
+        body = {"model": str(hostile_root / "bar1"), "prompt": "hi", "max_tokens": 1}
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    assert [path for path in opened if path.startswith(str(hostile_root / "bar1"))]
+
+
+def test_the_bad_token_id_reproducer_on_its_own(server):
+    response = httpx.post(server.url + "/v1/completions", json={"model": "a", "prompt": [VOCAB], "max_tokens": 4})
+    error = assert_4xx(response, 400, "prompt")["error"]
+    assert f"[0, {VOCAB})" in error["message"]
+
+
 # --- disconnects ------------------------------------------------------------------------------------
 
 
-def test_a_non_streaming_request_whose_client_leaves_frees_its_kv_blocks(server, engine):
+@pytest.mark.parametrize("route", list(LEAVING))
+def test_a_non_streaming_request_whose_client_leaves_is_aborted_and_frees_its_kv_blocks(route, server, engine):
     total = engine.stats().kv_blocks_total
-    body = {"model": "a", "prompt": "hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.5))
-    deadline = time.monotonic() + 20
-    while engine.stats().kv_blocks_free != total and time.monotonic() < deadline:
+    steps_before = engine.stats().num_steps
+    leave_early(server, route)
+    deadline = time.monotonic() + 60
+    while (engine.stats().kv_blocks_free != total or engine.stats().num_running) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.stats().kv_blocks_free == total
     assert engine.stats().num_running == 0
+    # aborted, not run to its end: a finished request would have taken a step for each of its 450 tokens
+    assert engine.stats().num_steps - steps_before < 450
+    route_label = {"/v1/completions": "completions", "/generate": "generate", "/invocations": "invocations"}[route]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert [line for line in metrics.splitlines()
+            if line.startswith("lorax_requests_total") and f'route="{route_label}"' in line and 'status="499"' in line]
 
 
 # --- adapter ids and what is listed -----------------------------------------------------------------
@@ -351,6 +420,53 @@ def test_metric_labels_per_adapter_are_bounded(server, hostile_root):
 
 
 # --- secrets ------------------------------------------------------------------------------------------
+
+
+SECRET = "hf_SecretTokenOfAUser123"
+
+
+def test_no_log_line_carries_a_secret(hostile):
+    """What `lorax-mlflow serve` logs, through its own handlers and uvicorn's: a token in the query string
+    (uvicorn's access line), in an Authorization header, in a body that fails to parse or to validate,
+    or in an exception's message (uvicorn's "Exception in ASGI application" traceback)."""
+    import io
+    import logging
+
+    from lorax_mlflow.redact import install_log_redaction, uvicorn_log_config
+
+    _, served = hostile
+    logs = io.StringIO()
+    config = uvicorn_log_config()  # as `lorax-mlflow serve` runs uvicorn, its streams captured here
+    for handler in config["handlers"].values():
+        handler["stream"] = logs
+    root_handler = logging.StreamHandler(logs)  # as `lorax-mlflow serve` sets up the application's logging
+    logging.getLogger().addHandler(root_handler)
+    install_log_redaction()
+    package = logging.getLogger("lorax_mlflow")
+    level = package.level
+    package.setLevel(logging.DEBUG)
+    try:
+        with running_server(served, uvicorn_options={"log_config": config, "log_level": "info"}) as logged:
+            bearer = {"authorization": f"Bearer {SECRET}", "content-type": "application/json"}
+            unparsable = '{"model": "", "api_token": "' + SECRET + '", "prompt": '
+            assert httpx.post(logged.url + f"/v1/completions?api_token={SECRET}", content=unparsable,
+                              headers=bearer).status_code == 400
+            invalid = {"model": "", "prompt": "hi", "api_token": SECRET, "seed": f"api_token={SECRET}"}
+            assert httpx.post(logged.url + "/v1/completions", json=invalid, headers=bearer).status_code == 400
+            mlflow_invalid = {"messages": [{"role": "user", "content": 5}], "api_token": SECRET}
+            assert httpx.post(logged.url + "/invocations", json=mlflow_invalid, headers=bearer).status_code == 400
+            try:
+                raise KeyError(f"Authorization: Bearer {SECRET}")
+            except KeyError:
+                logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+        package.setLevel(level)
+    text = logs.getvalue()
+    assert "/v1/completions?api_token=[REDACTED]" in text  # the access line is there, redacted
+    assert "Exception in ASGI application" in text and "Traceback" in text
+    assert "POST /v1/completions -> 400" in text  # the application's own 4xx line
+    assert SECRET not in text
 
 
 def test_tokens_in_error_messages_are_redacted(server):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import jsonschema
 import pytest
@@ -15,9 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorax_mlflow.default_model import default_model_path
-from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.errors import EngineUnavailableError, InvalidRequestError
 from lorax_mlflow.structured import (
+    ChoiceConstraint,
     GrammarCache,
+    GrammarConstraint,
     ResponseFormat,
     TokenRejectedError,
     allocate_token_bitmask,
@@ -162,6 +165,38 @@ def test_concurrent_requests_for_one_schema_compile_it_once(tokenizer):
         thread.join()
     assert cache.misses == 1 and cache.hits == 7
     assert all(result is results[0] for result in results)
+
+
+# --- compile time is bounded per request --------------------------------------------------------------
+
+SLOW_GRAMMAR = GrammarConstraint("root ::= " + " ".join(['"a"*'] * 150))
+"""3 KB of EBNF that xgrammar needs seconds to compile (ambiguous repetitions: 400 of them take minutes)."""
+
+
+def test_a_grammar_too_slow_to_compile_fails_only_its_request_and_is_cached_once_it_ends(tokenizer):
+    cache = GrammarCache(tokenizer, VOCAB, compile_timeout_s=0.05, max_overdue_compiles=1)
+    cached = cache.compiled(ChoiceConstraint(("yes", "no")))  # before the slow one: still served after it
+
+    with pytest.raises(InvalidRequestError, match="did not compile within 0.05 s") as raised:
+        cache.compiled(SLOW_GRAMMAR)
+    assert raised.value.status == 400 and raised.value.param == "guided_grammar"
+    assert cache.overdue_compiles == 1  # still compiling, on its own thread: no lock is held meanwhile
+
+    assert cache.compiled(ChoiceConstraint(("yes", "no"))) is cached
+    with pytest.raises(EngineUnavailableError, match="still compiling") as busy:  # at most 1 overdue compile
+        cache.compiled(ChoiceConstraint(("left", "right")))
+    assert busy.value.status == 503
+    with pytest.raises(InvalidRequestError):  # the same grammar again waits for the same compile
+        cache.compiled(SLOW_GRAMMAR)
+    assert cache.misses == 2  # the choice above and the slow grammar, once
+
+    deadline = time.monotonic() + 300
+    while cache.overdue_compiles and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.overdue_compiles == 0
+    assert cache.compiled(SLOW_GRAMMAR) is not None and cache.misses == 2  # cached when it ended
+    cache.compile_timeout_s = 60
+    assert cache.matcher(ChoiceConstraint(("left", "right"))) is not None
 
 
 # --- masks -----------------------------------------------------------------------------------------

@@ -68,12 +68,14 @@ class RequestStream:
         last = None
         for last in self:
             pass
-        assert last is not None
+        if last is None:
+            raise LoraxError("the request was aborted before it produced anything", code="aborted")
         return last
 
     async def aresult(self) -> RequestOutput:
         last = None
         async for last in self:
             pass
-        assert last is not None
+        if last is None:
+            raise LoraxError("the request was aborted before it produced anything", code="aborted")
         return last

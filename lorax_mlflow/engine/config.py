@@ -141,6 +141,9 @@ class EngineConfig:
         kind=float)
     trust_request_chat_template: bool = setting(
         False, "let requests carry their own chat_template (rendered sandboxed, with budgets)", kind=_boolean)
+    grammar_compile_timeout_s: float = setting(
+        10.0, "longest a request waits for its guided/response_format grammar to compile; a slower one gets a 400 "
+        "(the compile ends in the background, off the engine loop, and is cached)", kind=float)
     max_prompts_per_request: int = setting(128, "most prompts in one completions request", kind=int)
     max_sequences_per_request: int = setting(
         256, "most sequences one request may start: prompts x max(n, best_of)", kind=int)

@@ -253,7 +253,8 @@ class EngineCore:
                 from lorax_mlflow.structured import GrammarCache
 
                 self._grammars = GrammarCache(self.tokenizer, self.vocab_size,
-                                              stop_token_ids=sorted(self.eos_token_ids))
+                                              stop_token_ids=sorted(self.eos_token_ids),
+                                              compile_timeout_s=self.config.grammar_compile_timeout_s)
             return self._grammars
 
     def step(self) -> tuple[EngineCoreOutputs, bool]:

@@ -28,6 +28,7 @@ from lorax_mlflow.engine.messages import (
     AbortRequest, AddRequest, ClientMessage, LoadFailed, Ready, Shutdown, UtilityCall, UtilityResult, WireError,
 )
 from lorax_mlflow.errors import LoraxError
+from lorax_mlflow.redact import install_log_redaction
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def run_core_process(spec: dict[str, Any], input_address: str, output_address: s
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it tells us to stop
     logging.basicConfig(level=spec.get("log_level", logging.WARNING),
                         format="%(asctime)s %(levelname)s core %(name)s: %(message)s")
+    install_log_redaction()  # adapter requests carry hub tokens into this process too
     _exit_with_parent(parent_pid)
     context = zmq.Context()
     outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()

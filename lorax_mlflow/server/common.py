@@ -40,9 +40,13 @@ def running_loop() -> asyncio.AbstractEventLoop:
     return asyncio.get_running_loop()
 
 
-async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+async def unless_disconnected(request: Request, awaitable: Awaitable[T],
+                              on_disconnect: Callable[[], None] | None = None) -> T:
     """Await `awaitable` while polling for the client's disconnect; on one, cancel it (which aborts its
-    engine requests, freeing their sequences and KV blocks at once) and raise ClientDisconnectedError."""
+    engine requests, freeing their sequences and KV blocks at once) and raise ClientDisconnectedError.
+
+    Work on a thread cannot be cancelled from here: `on_disconnect` is called first to stop it
+    (a CancelScope's cancel), and the thread is then awaited."""
     task = asyncio.ensure_future(awaitable)
     try:
         while True:
@@ -53,5 +57,7 @@ async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
                 raise ClientDisconnectedError("the client disconnected before the response was ready")
     finally:
         if not task.done():
+            if on_disconnect is not None:
+                on_disconnect()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

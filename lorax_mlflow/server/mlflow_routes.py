@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from mlflow.exceptions import MlflowException
 from mlflow.types.llm import ChatParams
 
+from lorax_mlflow.client.cancel_scope import CancelScope
 from lorax_mlflow.errors import InvalidRequestError
-from lorax_mlflow.server.common import off_loop
+from lorax_mlflow.server.common import ClientDisconnectedError, off_loop, unless_disconnected
 from lorax_mlflow.server.errors import HTTPStatusError, log_client_error
 from lorax_mlflow.server.metrics import ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
@@ -108,8 +109,12 @@ def mlflow_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         except InvalidRequestError:
             record.close(400)
             raise
+        scope = CancelScope()  # the client leaving aborts what predict started, on its worker thread
         try:
-            response = await off_loop(predict, model_input)
+            response = await unless_disconnected(request, off_loop(scope.run, predict, model_input), scope.cancel)
+        except ClientDisconnectedError as error:
+            record.close(error.status)
+            raise
         except MlflowException as error:
             status = error.get_http_status_code()
             record.close(status)

@@ -9,11 +9,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 
 import torch
 import xgrammar as xgr
 
-from lorax_mlflow.errors import InvalidRequestError
+from lorax_mlflow.errors import EngineUnavailableError, InvalidRequestError
 from lorax_mlflow.structured.constraints import Constraint
 
 logger = logging.getLogger(__name__)
@@ -78,8 +80,15 @@ def _compile_error_message(error: Exception) -> str:
 class GrammarCache:
     """Compiles each distinct constraint once (keyed by its `cache_key`) and hands out matchers.
 
-    EOS is allowed only once the constrained text is complete. Thread-safe: compiling happens
-    under a lock, so concurrent requests with the same constraint compile it once.
+    EOS is allowed only once the constrained text is complete. Thread-safe: each distinct constraint
+    compiles once, on a thread of its own, while callers wait for it without holding any lock, so a
+    slow compile delays only the requests that carry that constraint.
+
+    Compile time is bounded per request: xgrammar's compile time grows steeply with ambiguity (a
+    grammar of 400 ``"a"*`` items, 3 KB of text, takes minutes), and it cannot be interrupted. A
+    caller waits at most `compile_timeout_s`, then gets a 400; the compile goes on in the background
+    (xgrammar releases the GIL) and is cached if it ends. At most `max_overdue_compiles` such
+    overdue compiles run at once; while that many do, a constraint not yet compiled gets a 503.
     """
 
     def __init__(
@@ -89,6 +98,8 @@ class GrammarCache:
         *,
         stop_token_ids: Sequence[int] | None = None,
         max_grammars: int = 256,
+        compile_timeout_s: float = 10.0,
+        max_overdue_compiles: int = 4,
     ) -> None:
         """`vocab_size` is the model's logits width (may exceed len(tokenizer)). `stop_token_ids`
         defaults to the tokenizer's EOS; pass the model's full EOS list when it has several."""
@@ -102,7 +113,11 @@ class GrammarCache:
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
         self._keep_mask = _special_tokens_keep_mask(tokenizer, vocab_size, self._tokenizer_info.stop_token_ids)
         self._max_grammars = max_grammars
+        self.compile_timeout_s = compile_timeout_s
+        self._max_overdue = max_overdue_compiles
         self._grammars: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._compiling: dict[str, Future] = {}
+        self._overdue: set[str] = set()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -111,8 +126,15 @@ class GrammarCache:
     def stop_token_ids(self) -> list[int]:
         return list(self._tokenizer_info.stop_token_ids)
 
+    @property
+    def overdue_compiles(self) -> int:
+        """Compiles still running after a caller stopped waiting for them."""
+        with self._lock:
+            return len(self._overdue)
+
     def compiled(self, fmt: Constraint) -> xgr.CompiledGrammar:
-        """The compiled grammar for `fmt`; raises InvalidRequestError if xgrammar cannot compile it."""
+        """The compiled grammar for `fmt`; raises InvalidRequestError if xgrammar cannot compile it,
+        or cannot within `compile_timeout_s`."""
         key = fmt.cache_key
         with self._lock:
             grammar = self._grammars.get(key)
@@ -120,15 +142,47 @@ class GrammarCache:
                 self._grammars.move_to_end(key)
                 self.hits += 1
                 return grammar
-            self.misses += 1
-            grammar = self._compile(fmt)
-            self._grammars[key] = grammar
-            if len(self._grammars) > self._max_grammars:
-                self._grammars.popitem(last=False)
-            return grammar
+            pending = self._compiling.get(key)
+            if pending is None:
+                if len(self._overdue) >= self._max_overdue:
+                    raise EngineUnavailableError(
+                        f"{fmt.param}: {len(self._overdue)} grammars that took longer than "
+                        f"{self.compile_timeout_s:g} s are still compiling; retry later", code="grammar_compiler_busy")
+                self.misses += 1
+                pending = self._compiling[key] = Future()
+                threading.Thread(target=self._compile_into, args=(key, fmt, pending), name="grammar-compile",
+                                 daemon=True).start()
+            else:
+                self.hits += 1  # another request's compile of the same constraint: joined, not repeated
+        try:
+            return pending.result(timeout=self.compile_timeout_s)
+        except FutureTimeoutError:
+            with self._lock:
+                if not pending.done():
+                    self._overdue.add(key)
+            raise InvalidRequestError(
+                f"{fmt.param}: {fmt.subject} did not compile within {self.compile_timeout_s:g} s; simplify it "
+                "(fewer nested or ambiguous repetitions)", param=fmt.param) from None
 
     def matcher(self, fmt: Constraint) -> RequestGrammar:
         return RequestGrammar(xgr.GrammarMatcher(self.compiled(fmt)), self._keep_mask)
+
+    def _compile_into(self, key: str, fmt: Constraint, pending: Future) -> None:
+        try:
+            grammar = self._compile(fmt)
+        except BaseException as error:  # InvalidRequestError, or a failure to report to the waiting caller
+            with self._lock:
+                self._compiling.pop(key, None)
+                self._overdue.discard(key)
+            pending.set_exception(error)
+            return
+        with self._lock:
+            self._grammars[key] = grammar
+            if len(self._grammars) > self._max_grammars:
+                self._grammars.popitem(last=False)
+            self._compiling.pop(key, None)
+            self._overdue.discard(key)
+        pending.set_result(grammar)
 
     def _compile(self, fmt: Constraint) -> xgr.CompiledGrammar:
         started = time.perf_counter()
