@@ -172,12 +172,13 @@ def test_requests_to_the_http_server_are_traced_like_predict_and_never_record_a_
     with running_server(ServedModel(unwrap_chat_model(model).service, model.predict)) as server:
         response = httpx.post(server.v1 + "/chat/completions", timeout=120, json={
             "model": "support", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 5,
-            "temperature": 0, "ignore_eos": True, "api_token": "secret-token-123"}).json()
+            "temperature": 0, "ignore_eos": True, "api_token": "secret-token-123"},
+            headers={"Authorization": "Bearer header-secret-456"}).json()
     trace = last_trace()
     root, children = root_and_children(trace)
     assert root.attributes["method"] == "chat.completions"
     assert_phases_in_time_order(root, children)
     assert root.outputs["id"] == response["id"]
     assert root.attributes["completion_tokens"] == 5
-    assert "secret-token-123" not in json.dumps(root.inputs)
+    assert "secret-token-123" not in trace.to_json() and "header-secret-456" not in trace.to_json()
     assert trace.info.state == TraceState.OK
