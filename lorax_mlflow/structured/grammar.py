@@ -85,7 +85,8 @@ class GrammarCache:
     slow compile delays only the requests that carry that constraint.
 
     Compile time is bounded per request: xgrammar's compile time grows steeply with ambiguity (a
-    grammar of 400 ``"a"*`` items, 3 KB of text, takes minutes), and it cannot be interrupted. A
+    grammar of 400 ``"a"*`` items, 3 KB of text, took 38 s on one thread here), and it cannot be
+    interrupted. A
     caller waits at most `compile_timeout_s`, then gets a 400; the compile goes on in the background
     (xgrammar releases the GIL) and is cached if it ends. At most `max_overdue_compiles` such
     overdue compiles run at once; while that many do, a constraint not yet compiled gets a 503.
