@@ -4,7 +4,7 @@
 `--turns` turns of stateless chat (every turn resends the whole history, as OpenAI clients do), a
 `--system-tokens` shared system prompt and `--user-tokens` per user message, greedy replies of
 `--max-tokens`. Each mode runs on its own engine client (the surface under predict() and the
-server; its core on a thread of this process), one after the other. Printed per mode: median time to first token of the last turn, total wall time and output
+server; its core in its own process, or on a thread of this one with `--in-process`), one after the other. Printed per mode: median time to first token of the last turn, total wall time and output
 tokens/s; then the ratios against the issue's targets (last-turn TTFT >= 8x lower, throughput
 >= 1.5x). Then `--shared` requests on one adapter sharing a fresh system prompt, sent together:
 prompt tokens actually prefilled (prompt minus cached) and how many times that system prompt was
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--shared", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each engine core")
+    parser.add_argument("--in-process", action="store_true", help="run each engine core on a thread of this process")
     parser.add_argument("--quick", action="store_true",
                         help="2 conversations x 2 turns over 2 adapters, 64-token system prompt, 4 shared: "
                         "checks the script runs")
@@ -144,7 +145,7 @@ def main() -> None:
     for mode, enabled in (("without cache", False), ("with cache", True)):
         config = EngineConfig(adapter_roots=[str(adapter_dir)], max_loras=args.adapters,
                               max_lora_rank=16, enable_prefix_caching=enabled, num_threads=args.threads,
-                              in_process=True)
+                              in_process=args.in_process)
         engine = EngineClient(model_dir, config)
         try:
             # Warm every adapter (loaded into its slot) on a prompt no conversation shares.
