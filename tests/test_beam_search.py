@@ -242,6 +242,21 @@ def test_preempted_beam_searches_start_over_and_give_the_same_beams(tiny_model_d
         tight.shutdown()
 
 
+def test_beams_equal_hf_with_chunked_prefill_and_speculating_neighbours(tiny_model_dir, hf_model):
+    """The prompt prefilled in chunks; other requests speculate (prompt lookup) beside the beams, which never do."""
+    engine = make_engine(tiny_model_dir, max_num_batched_tokens=16, prefill_chunk_tokens=8, speculative_tokens=2)
+    try:
+        long_prompt = encode(tiny_model_dir, " ".join(PROMPTS))
+        neighbours = [engine.submit(encode(tiny_model_dir, p), greedy(16)) for p in PROMPTS[:3]]
+        outputs = engine.submit(long_prompt, beam(4, 10)).result().outputs
+        assert_equal_to_hf(outputs, hf_beams(hf_model, long_prompt, width=4, max_tokens=10, stop_ids=[2]))
+        assert all(stream.result().finished for stream in neighbours)
+        assert sum(engine.stats().speculative_draft_tokens.values()) > 0
+        assert all_blocks_free(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_abort_mid_search_frees_every_block(engine, tiny_model_dir):
     stream = engine.submit(encode(tiny_model_dir, PROMPTS[2]), beam(4, 200, ignore_eos=True))
     deadline = time.time() + 30

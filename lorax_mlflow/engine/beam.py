@@ -27,6 +27,9 @@ early_stopping, num_return_sequences=n)`` (``GenerationMixin._beam_search``, tra
   ``length_penalty=0`` is the canonical beam search);
 - the n best hypotheses are returned, best first, with their summed token log-probabilities.
 
+Width 1 is a beam search too (a stop token can be passed over for a longer beam that scores
+better), where HF's ``num_beams=1`` switches to greedy decoding.
+
 Temperature, top-k/p, min-p, penalties, logit_bias and seeds do not apply (HF beam search without
 sampling and without logits processors); logprobs, stop strings and structured output are
 rejected at validation.
