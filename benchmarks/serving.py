@@ -241,13 +241,14 @@ def run_engine(model_path: Path, args, adapters: list[str]) -> LoadResult:
 # ----- long prompt under load ----------------------------------------------------------------------
 
 
-def long_prompt_text(tokens: int) -> str:
-    """A user message of about `tokens` tokens for the default model's tokenizer."""
+def long_prompt_text(tokens: int, salt: str) -> str:
+    """A user message of about `tokens` tokens for the default model's tokenizer, starting with `salt`
+    so that no two long requests share a prefix-cache block."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     sentence = "The quick brown fox jumps over the lazy dog while the river keeps flowing past the old mill. "
-    ids = tokenizer.encode(sentence * (tokens // 10 + 10))[:tokens]
+    ids = tokenizer.encode(f"Request {salt}. " + sentence * (tokens // 10 + 10))[:tokens]
     return tokenizer.decode(ids)
 
 
@@ -260,13 +261,13 @@ class LongPromptResult:
 
 
 async def long_prompt_case(url: str, args, adapters: list[str]) -> LongPromptResult:
-    text = long_prompt_text(args.long_tokens)
+    texts = {salt: long_prompt_text(args.long_tokens, salt) for salt in ("warm-up", "alone", "under load")}
     limits = httpx.Limits(max_connections=args.streams + 2, max_keepalive_connections=args.streams + 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         send = streaming_chat_sender(client, url, adapters, args.max_tokens)
 
-        async def long_request(timing: RequestTiming) -> None:
-            body = {"model": adapters[0], "messages": [{"role": "user", "content": text}], "max_tokens": 4,
+        async def long_request(timing: RequestTiming, salt: str) -> None:
+            body = {"model": adapters[0], "messages": [{"role": "user", "content": texts[salt]}], "max_tokens": 4,
                     "temperature": 0, "ignore_eos": True, "stream": True}
             async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
@@ -278,16 +279,16 @@ async def long_prompt_case(url: str, args, adapters: list[str]) -> LongPromptRes
 
         for i in range(len(adapters)):  # warm-up: adapters loaded, first-call costs paid
             await send(i, RequestTiming(time.perf_counter()))
-        await long_request(RequestTiming(time.perf_counter()))
+        await long_request(RequestTiming(time.perf_counter()), "warm-up")
         alone = RequestTiming(time.perf_counter())
-        await long_request(alone)
+        await long_request(alone, "alone")
 
         streams = [RequestTiming(time.perf_counter()) for _ in range(args.streams)]
         tasks = [asyncio.create_task(send(i, streams[i])) for i in range(args.streams)]
         while min(len(t.token_times) for t in streams) < 4:  # every stream is decoding
             await asyncio.sleep(0.05)
         loaded = RequestTiming(time.perf_counter())
-        await long_request(loaded)
+        await long_request(loaded, "under load")
         await asyncio.gather(*tasks)
 
     gaps = [(b - a) * 1000 for t in streams for a, b in zip(t.token_times[1:], t.token_times[2:])]
