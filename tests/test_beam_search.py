@@ -116,6 +116,26 @@ def test_the_best_beam_is_at_least_as_likely_as_the_greedy_sequence(service, eng
     assert best.cumulative_logprob >= greedy_output.cumulative_logprob - 1e-5
 
 
+def test_logprobs_are_each_beams_own_as_hf_computes_them(engine, hf_model, tiny_model_dir):
+    """Each token's logprob and its beam's top alternatives at that step, and the prompt's (echo)."""
+    ids = encode(tiny_model_dir, PROMPTS[2])
+    output = engine.submit(ids, beam(3, 6, logprobs=3, prompt_logprobs=2)).result()
+    for beam_output in output.outputs:
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids + beam_output.token_ids])).logits[0]
+        reference = torch.log_softmax(logits.float(), dim=-1)[len(ids) - 1 : -1]
+        entries = beam_output.logprobs
+        assert [e.token_id for e in entries] == beam_output.token_ids
+        assert [e.logprob for e in entries] == pytest.approx(
+            reference.gather(1, torch.tensor(beam_output.token_ids)[:, None])[:, 0].tolist(), abs=1e-4)
+        assert sum(e.logprob for e in entries) == pytest.approx(beam_output.cumulative_logprob, abs=1e-4)
+        top_values, top_ids = reference.topk(3, dim=-1)
+        assert [[t for t, _ in e.top] for e in entries] == top_ids.tolist()
+        assert [v for e in entries for _, v in e.top] == pytest.approx(top_values.flatten().tolist(), abs=1e-4)
+    assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(ids)
+    assert [p.token_id for p in output.prompt_logprobs[1:]] == ids[1:]
+
+
 def test_n_returns_the_n_best_of_the_width(engine, tiny_model_dir):
     ids = encode(tiny_model_dir, PROMPTS[4])
     four = engine.submit(ids, beam(4, 6)).result().outputs
@@ -295,7 +315,6 @@ def test_beam_parameters_cross_the_wire_to_the_core():
     ({"best_of": 2, "early_stopping": 1}, "early_stopping"),
     ({"best_of": 2, "length_penalty": "long"}, "length_penalty"),
     ({"best_of": 2, "length_penalty": 100}, "length_penalty"),
-    ({"best_of": 2, "logprobs": 1}, "logprobs"),
     ({"best_of": 2, "stop": ["x"]}, "stop"),
     ({"best_of": 2, "guided_regex": "a+"}, "guided_regex"),
 ])
@@ -332,3 +351,12 @@ def test_beam_search_over_http_on_chat_and_completions(server):
     streamed = list(client.completions.create(model="a", prompt="Once upon a time", max_tokens=6, temperature=0,
                                               stream=True, extra_body=extra))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == completion.choices[0].text
+    with_logprobs = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}],
+                                                   max_tokens=6, logprobs=True, top_logprobs=2, extra_body=extra)
+    content = with_logprobs.choices[0].logprobs.content
+    assert content and all(len(entry.top_logprobs) == 2 for entry in content)
+    echoed = client.completions.create(model="a", prompt="Once upon a time", max_tokens=6, logprobs=1, echo=True,
+                                       extra_body=extra)
+    logprobs = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith("Once upon a time")
+    assert "".join(logprobs.tokens).startswith(" upon a time") and len(logprobs.tokens) > 6  # the prompt's, then the beam's

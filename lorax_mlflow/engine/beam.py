@@ -31,8 +31,9 @@ Width 1 is a beam search too (a stop token can be passed over for a longer beam 
 better), where HF's ``num_beams=1`` switches to greedy decoding.
 
 Temperature, top-k/p, min-p, penalties, logit_bias and seeds do not apply (HF beam search without
-sampling and without logits processors); logprobs, stop strings and structured output are
-rejected at validation.
+sampling and without logits processors); stop strings and structured output are rejected at
+validation. ``logprobs`` reports each token's log-probability and its beam's top alternatives at
+that step (EOS left out under ``ignore_eos``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ import torch
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.engine.sequence import Sequence, SequenceStatus
 
+TopLogprobs = list[tuple[int, float]]
+"""One position's best alternatives: (token id, logprob), most likely first (as on the wire)."""
+
 
 @dataclass
 class Hypothesis:
@@ -52,6 +56,8 @@ class Hypothesis:
     token_ids: list[int]
     logprobs: list[float]
     """Each token's log-probability under the raw model distribution."""
+    top: list[TopLogprobs] | None
+    """Per token, its beam's best alternatives at that step, when the request asked for logprobs > 0."""
     score: float
     """cumulative_logprob / len(token_ids) ** length_penalty."""
     finish_reason: str
@@ -65,6 +71,7 @@ class Continuation:
     token: int
     logprob: float
     cumulative_logprob: float
+    top: TopLogprobs | None = None
 
 
 @dataclass(eq=False)
@@ -81,6 +88,8 @@ class BeamSearch:
     live: list[Sequence] = field(default_factory=list)
     live_logprobs: list[list[float]] = field(default_factory=list)
     """Per live beam, its tokens' log-probabilities."""
+    live_top: list[list[TopLogprobs]] = field(default_factory=list)
+    """Per live beam, its tokens' top alternatives (empty lists unless the request asked for logprobs > 0)."""
     hypotheses: list[Hypothesis] = field(default_factory=list)
     """The best finished beams, best first, at most `width`."""
     done: bool = False
@@ -89,6 +98,7 @@ class BeamSearch:
         self.head.beam = self
         self.live.append(self.head)
         self.live_logprobs.append([])
+        self.live_top.append([])
 
     @classmethod
     def of(cls, head: Sequence, eos_token_ids: set[int], max_model_len: int) -> BeamSearch:
@@ -129,6 +139,7 @@ class BeamSearch:
         parents = (top_index // vocab).tolist()
         tokens = (top_index % vocab).tolist()
         token_logprobs = logprobs.flatten()[top_index].tolist()
+        tops = self._top_alternatives(logprobs)
         finished: list[Hypothesis] = []
         children: list[Continuation] = []
         for rank, (parent, token) in enumerate(zip(parents, tokens)):
@@ -138,14 +149,24 @@ class BeamSearch:
                     finished.append(Hypothesis(
                         self.live[parent].output_token_ids + [token],
                         self.live_logprobs[parent] + [token_logprobs[rank]],
+                        None if tops is None else self.live_top[parent] + [tops[parent]],
                         normalised[rank],
                         "stop" if stops else "length",
                     ))
             elif len(children) < self.width:
-                children.append(Continuation(parent, token, token_logprobs[rank], cumulatives[rank]))
+                children.append(Continuation(parent, token, token_logprobs[rank], cumulatives[rank],
+                                             None if tops is None else tops[parent]))
         self.hypotheses = sorted(self.hypotheses + finished, key=lambda h: -h.score)[: self.width]
         self.done = last or not children or self._cannot_improve(children[0], length)
         return [] if self.done else children
+
+    def _top_alternatives(self, logprobs: torch.Tensor) -> list[TopLogprobs] | None:
+        """Each live beam's best next tokens, when the request asked for them."""
+        k = self.params.logprobs or 0
+        if not k:
+            return None
+        values, ids = logprobs.topk(k, dim=-1)
+        return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
 
     def _cannot_improve(self, best: Continuation, length: int) -> bool:
         """HF's stopping rule once `width` hypotheses are finished (see the module docstring)."""
@@ -166,11 +187,13 @@ class BeamSearch:
         Each of `beams` holds its parent's tokens; the parents' logprob lists are read before any changes.
         """
         logprobs = [self.live_logprobs[c.parent] + [c.logprob] for c in chosen]
+        top = [self.live_top[c.parent] + ([c.top] if c.top is not None else []) for c in chosen]
         for seq, continuation in zip(beams, chosen):
             seq.token_ids.append(continuation.token)
             seq.cumulative_logprob = continuation.cumulative_logprob
         self.live[:] = beams
         self.live_logprobs[:] = logprobs
+        self.live_top[:] = top
 
     def copy_of(self, parent: Sequence) -> Sequence:
         """A new running beam with `parent`'s tokens and progress (its blocks are forked by the scheduler)."""
@@ -201,6 +224,7 @@ class BeamSearch:
         )
         self.live[:] = [self.head]
         self.live_logprobs[:] = [[]]
+        self.live_top[:] = [[]]
         self.hypotheses = []
         return self.head
 

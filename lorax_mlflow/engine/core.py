@@ -366,9 +366,10 @@ class EngineCore:
                 continue
             if search.done:
                 delta = self._delta(deltas, request)
-                delta.sequences = [SequenceDelta(index, hypothesis.token_ids, hypothesis.logprobs,
-                                                 finish_reason=hypothesis.finish_reason)
+                delta.sequences = [SequenceDelta(index, hypothesis.token_ids, hypothesis.logprobs, hypothesis.top,
+                                                 hypothesis.finish_reason)
                                    for index, hypothesis in enumerate(search.best())]
+                delta.prompt_logprobs = request.prompt_logprobs
 
     def _accept_drafts(
         self, seqs: list[Sequence], logits: dict[int, torch.Tensor], deltas: dict[str, RequestDelta]

@@ -114,7 +114,6 @@ class SamplingParams:
         _check(isinstance(self.early_stopping, bool) or self.early_stopping == "never", "early_stopping",
                'must be true, false or "never"')
         unsupported = {
-            "logprobs": self.logprobs is not None or self.prompt_logprobs is not None,
             "stop": bool(self.stop),
             self.structured_output.param if self.structured_output is not None else "": self.structured_output,
         }
