@@ -360,3 +360,14 @@ def test_beam_search_over_http_on_chat_and_completions(server):
     logprobs = echoed.choices[0].logprobs
     assert echoed.choices[0].text.startswith("Once upon a time")
     assert "".join(logprobs.tokens).startswith(" upon a time") and len(logprobs.tokens) > 6  # the prompt's, then the beam's
+
+
+def test_beam_search_through_predict_custom_inputs(served):
+    """MLflow's predict (and /invocations) carry the beam fields in custom_inputs."""
+    beam_fields = {"use_beam_search": True, "best_of": 3, "length_penalty": 0.5, "early_stopping": "never"}
+    response = served.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": 2,
+                               "custom_inputs": {"adapter_id": "a", **beam_fields}})
+    prepared = served.service.prepare_chat({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": 2,
+                                            **beam_fields}, model_field="a")
+    expected = served.service.submit(prepared).result().outputs
+    assert [choice["message"]["content"] for choice in response["choices"]] == [o.text for o in expected]
