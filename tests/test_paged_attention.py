@@ -32,13 +32,21 @@ def hf_attention(layer, q, k, v, scale):
     return out[0]  # [n, Hq, D]
 
 
+MIXED_STEP = [(36, 1), (4, 1), (20, 9), (0, 12), (7, 1)]
+"""(tokens already cached, new tokens): decode rows of 10 and 2 blocks (two length groups), a chunk
+after cached tokens, a fresh prefill."""
+LONG_DECODE_BESIDE_SHORT = [(3, 1), (150, 1), (5, 1), (30, 1), (2, 1), (6, 1), (33, 4)]
+"""Decode rows of 1, 2, 8, 9 and 38 blocks: one long conversation among short ones, three groups."""
+ALIKE_DECODES = [(9, 1), (12, 1), (10, 1), (0, 5)]
+"""Decode rows of similar length: one group, attended in packed order."""
+
+
+@pytest.mark.parametrize("sequences", [MIXED_STEP, LONG_DECODE_BESIDE_SHORT, ALIKE_DECODES])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(6, 2), (4, 4), (8, 1)])
-def test_mixed_step_attention_equals_per_sequence_hf_attention(num_q_heads, num_kv_heads):
+def test_mixed_step_attention_equals_per_sequence_hf_attention(num_q_heads, num_kv_heads, sequences):
     torch.manual_seed(0)
-    # (tokens already cached, new tokens): two decode rows, a chunk after cached tokens, a fresh prefill.
-    sequences = [(36, 1), (4, 1), (20, 9), (0, 12), (7, 1)]
     sequences = sorted(sequences, key=lambda s: s[1] > 1)  # one-token rows first, as the runner packs them
-    num_blocks = 40
+    num_blocks = 80
     kv_cache = torch.zeros(2, 2, num_blocks * BLOCK, num_kv_heads, HEAD_DIM)
     free = torch.randperm(num_blocks).tolist()  # scattered, out-of-order blocks
     tables, full = [], []
@@ -70,6 +78,20 @@ def test_mixed_step_attention_equals_per_sequence_hf_attention(num_q_heads, num_
         slot = table[(cached + new - 1) // BLOCK] * BLOCK + (cached + new - 1) % BLOCK
         torch.testing.assert_close(kv_cache[1, 0, slot], k[:, -1])
     assert kv_cache[0].abs().sum() == 0, "other layers' cache untouched"
+
+
+def test_decode_rows_are_grouped_by_context_length():
+    """A long context among short ones gets its own group: the short rows do not pad to it."""
+    kv_cache = torch.zeros(1, 2, 64 * BLOCK, 1, HEAD_DIM)
+    tables = [[0], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22]]
+    context = build_attention_context(kv_cache, tables, [3, 80, 6], [1, 1, 1], BLOCK, 1, torch.device("cpu"))
+    groups = context.decodes.groups
+    assert [g.rows.tolist() for g in groups] == [[0, 2], [1]]
+    assert [g.block_tables.shape[1] for g in groups] == [2, 20]
+
+    alike = build_attention_context(kv_cache, [[0, 1], [2], [3, 4]], [6, 2, 7], [1, 1, 1], BLOCK, 1,
+                                    torch.device("cpu"))
+    assert [g.rows for g in alike.decodes.groups] == [slice(0, 3)]
 
 
 def test_one_token_rows_must_come_first():

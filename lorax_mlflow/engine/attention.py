@@ -5,9 +5,9 @@ returns None, since masking is done here from the step context). Each step is ON
 (``input_ids [1, T]``); this function writes the step's new K/V into the paged cache and attends,
 so that the work is the sum over sequences of new tokens x context, never batch x longest x longest:
 
-- decode rows (one new token each): one SDPA call over their contexts, read block by block from
-  the cache; the query heads that share a KV head are folded into query rows, so no KV head is
-  repeated and no GQA flag is needed;
+- decode rows (one new token each): one SDPA call per group of rows of similar context length,
+  read block by block from the cache; the query heads that share a KV head are folded into query
+  rows, so no KV head is repeated and no GQA flag is needed;
 - a prefill chunk that is its sequence's whole context: causal SDPA over its own new keys (the
   cache is only written);
 - a prefill chunk after cached tokens: SDPA over its context blocks with the step's prebuilt
@@ -77,16 +77,15 @@ def _attend(
     v_blocks = v_cache.view(-1, ctx.block_size, num_kv_heads, head_dim)
     out = q.new_empty(num_tokens, num_q_heads, head_dim)
 
-    rows = ctx.decodes
-    if rows is not None:
-        n = rows.num_rows
+    for rows in ctx.decodes.groups if ctx.decodes is not None else ():
+        n = rows.block_tables.shape[0]
         k = k_blocks[rows.block_tables].view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # [n, Hkv, L, D]
         v = v_blocks[rows.block_tables].view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-        folded = q[:n].reshape(n, num_kv_heads, group, head_dim)
+        folded = q[rows.rows].reshape(n, num_kv_heads, group, head_dim)
         attended = F.scaled_dot_product_attention(
             folded, k.to(q.dtype), v.to(q.dtype), attn_mask=rows.key_mask, scale=scale
         )
-        out[:n] = attended.reshape(n, num_q_heads, head_dim)
+        out[rows.rows] = attended.reshape(n, num_q_heads, head_dim)
 
     for chunk in ctx.chunks:
         span = slice(chunk.start, chunk.start + chunk.num_tokens)

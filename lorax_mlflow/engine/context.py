@@ -17,15 +17,34 @@ import torch
 _local = threading.local()
 
 
+_GROUP_GROWTH = 4
+"""A decode group holds rows whose block counts are within this factor of its shortest row's..."""
+_GROUP_MIN_BLOCKS = 8
+"""...or at most this many blocks (padding a short context costs less than another attention call)."""
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows attended together, each over its own context padded to the group's longest."""
+
+    rows: slice | torch.Tensor
+    """Which of the step's decode rows (packed tokens 0..n-1): a slice when they are all of them."""
+    block_tables: torch.Tensor
+    """[rows, max_blocks] KV block of each context block of each row (padding -> block 0)."""
+    key_mask: torch.Tensor
+    """[rows, 1, 1, max_blocks * block_size] bool: which context positions the row sees."""
+
+
 @dataclass
 class DecodeRows:
-    """The step's first ``num_rows`` tokens: one query row each, over its paged context."""
+    """The step's first ``num_rows`` tokens: one query row each, over its paged context.
+
+    Rows are grouped by context length so that one long conversation does not make every other
+    decode row read (and pad to) its whole context: a group's rows are within `_GROUP_GROWTH`x
+    of each other's block counts, so padding at most about quadruples a row's reads."""
 
     num_rows: int
-    block_tables: torch.Tensor
-    """[num_rows, max_blocks] KV block of each context block of each row (padding -> block 0)."""
-    key_mask: torch.Tensor
-    """[num_rows, 1, 1, max_blocks * block_size] bool: which context positions the row sees."""
+    groups: list[DecodeGroup]
 
 
 @dataclass
@@ -95,14 +114,19 @@ def build_attention_context(
 
     decodes = None
     if num_decodes:
-        lens = torch.tensor(context_lens[:num_decodes], dtype=torch.long)
-        max_blocks = max(len(t) for t in block_tables[:num_decodes])
-        tables = torch.zeros(num_decodes, max_blocks, dtype=torch.long)
-        for row, table in enumerate(block_tables[:num_decodes]):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
-        positions = torch.arange(max_blocks * block_size)
-        mask = (positions[None, :] < lens[:, None])[:, None, None, :]
-        decodes = DecodeRows(num_decodes, dev(tables), dev(mask))
+        groups = []
+        row_groups = _decode_row_groups([len(t) for t in block_tables[:num_decodes]])
+        for rows in row_groups:
+            lens = torch.tensor([context_lens[r] for r in rows], dtype=torch.long)
+            max_blocks = max(len(block_tables[r]) for r in rows)
+            tables = torch.zeros(len(rows), max_blocks, dtype=torch.long)
+            for i, r in enumerate(rows):
+                tables[i, : len(block_tables[r])] = torch.tensor(block_tables[r], dtype=torch.long)
+            positions = torch.arange(max_blocks * block_size)
+            mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+            index = slice(0, num_decodes) if len(row_groups) == 1 else dev(torch.tensor(rows, dtype=torch.long))
+            groups.append(DecodeGroup(index, dev(tables), dev(mask)))
+        decodes = DecodeRows(num_decodes, groups)
 
     chunks: list[PrefillChunk] = []
     start = num_decodes
@@ -124,3 +148,17 @@ def build_attention_context(
         decodes=decodes,
         chunks=chunks,
     )
+
+
+def _decode_row_groups(num_blocks: list[int]) -> list[list[int]]:
+    """Decode rows grouped by block count (each group in ascending order of blocks); one group, in
+    packed order, when the lengths are alike."""
+    order = sorted(range(len(num_blocks)), key=num_blocks.__getitem__)
+    groups: list[list[int]] = [[]]
+    for row in order:
+        group = groups[-1]
+        if group and num_blocks[row] > max(_GROUP_GROWTH * num_blocks[group[0]], _GROUP_MIN_BLOCKS):
+            groups.append([row])
+        else:
+            group.append(row)
+    return groups if len(groups) > 1 else [list(range(len(num_blocks)))]
