@@ -40,6 +40,8 @@ import httpx
 
 import lorax_mlflow
 from benchmarks.common import PROMPTS, machine_line, make_random_adapters
+from lorax_mlflow.api.chat_request import chat_request
+from lorax_mlflow.api.schemas import ChatCompletionRequest, parse_request
 from lorax_mlflow.default_model import cache_root, default_model_path
 
 
@@ -140,7 +142,8 @@ def invocations_sender(client: httpx.AsyncClient, url: str, adapters: list[str],
 def engine_sender(service, adapters: list[str], max_tokens: int):
     async def send(index: int, timing: RequestTiming) -> None:
         chat = chat_body(index, adapters, max_tokens)
-        prepared = await asyncio.to_thread(service.prepare_chat, chat, model_field=chat["model"])
+        request = parse_request(ChatCompletionRequest, chat)
+        prepared = await asyncio.to_thread(chat_request, service, request, model=request.model)
         last = None
         async for output in service.submit(prepared, loop=asyncio.get_running_loop()):
             if output.outputs[0].delta_text:

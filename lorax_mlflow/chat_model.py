@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Generator
-from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -20,7 +19,9 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.types.llm import ChatCompletionChunk, ChatCompletionResponse, ChatMessage, ChatParams
 
-from lorax_mlflow import openai_format, tracing
+from lorax_mlflow import tracing
+from lorax_mlflow.api.chat_request import mlflow_chat_body, mlflow_chat_request
+from lorax_mlflow.api.openai_chat_format import ChatFormatter
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.service import LoraxService
 
@@ -55,18 +56,6 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
         engine = build_engine(context.model_config or {}, context.artifacts or {})
         self.service = LoraxService(engine)
 
-    def _body(self, messages: list[ChatMessage], params: ChatParams) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "messages": [{k: v for k, v in m.to_dict().items() if v is not None} for m in messages]
-        }
-        for key, value in params.to_dict().items():
-            if key not in ("custom_inputs", "stream") and value is not None:
-                body[key] = value
-        body.update(params.custom_inputs or {})
-        if body.get("top_k") == 0:  # MLflow clients send 0 for "unset"
-            body.pop("top_k")
-        return body
-
     def _service(self) -> LoraxService:
         if self.service is None:
             raise MlflowException("the model is not loaded: load_context() was not called", error_code=INTERNAL_ERROR)
@@ -74,16 +63,13 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         service = self._service()
-        body = self._body(messages, params)
+        body = mlflow_chat_body(messages, params)
         trace = tracing.start_request("predict", body)
         try:
             with trace.template():
-                prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
+                prepared = mlflow_chat_request(service, body)
             output = service.submit(prepared).result()
-            response = openai_format.chat_completion(
-                output, model=prepared.model, created=int(time.time()), tokenizer=service.engine.tokenizer,
-                tools=prepared.tools,
-            )
+            response = ChatFormatter(prepared, service.engine.tokenizer, created=int(time.time())).response(output)
         except BaseException as error:
             trace.fail(error)
             if isinstance(error, LoraxError):
@@ -96,19 +82,17 @@ class LoraxChatModel(mlflow.pyfunc.ChatModel):
         self, context, messages: list[ChatMessage], params: ChatParams
     ) -> Generator[ChatCompletionChunk, None, None]:
         service = self._service()
-        body = self._body(messages, params)
+        body = mlflow_chat_body(messages, params)
         trace = tracing.start_request("predict_stream", body)
         created = int(time.time())
         try:
             with trace.template():
-                prepared = service.prepare_chat(body, model_field=body.get("adapter_id") or None)
-            deltas = openai_format.ChatDeltas(service.engine.tokenizer, prepared.tools)
+                prepared = mlflow_chat_request(service, body)
+            formatter = ChatFormatter(prepared, service.engine.tokenizer, created=created)
             for output in service.submit(prepared):
-                choices = deltas.choices(output)
-                if choices:
-                    yield ChatCompletionChunk.from_dict(
-                        openai_format.chat_chunk(output.request_id, prepared.model, created, choices)
-                    )
+                chunk = formatter.chunk(output)
+                if chunk is not None:
+                    yield ChatCompletionChunk.from_dict(chunk)
         except BaseException as error:  # GeneratorExit too: the caller stopped reading
             trace.fail(error)
             if isinstance(error, LoraxError):

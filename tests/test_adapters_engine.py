@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from lorax_mlflow.adapters.cache import AdapterRequest
 from lorax_mlflow.adapters.merge import MergeSpec
+from lorax_mlflow.api.chat_request import mlflow_chat_request
 from lorax_mlflow.client.engine_client import EngineClient
 from lorax_mlflow.errors import AdapterAuthError, AdapterForbiddenError
 from lorax_mlflow.service import LoraxService
@@ -357,9 +358,9 @@ def test_adapter_chat_template_wins_over_the_base_one(tiny_model_dir, adapter_ro
     with running_engine(tiny_model_dir, adapter_roots=[adapter_root]) as engine:
         service = LoraxService(engine)
         body = {"messages": messages, "temperature": 0.0, "max_tokens": MAX_TOKENS}
-        own = service.prepare_chat({**body, "adapter_id": str(adapter_with_template)})
-        plain = service.prepare_chat({**body, "adapter_id": str(tiny_adapters["a"])})
-        base = service.prepare_chat(body)
+        own = mlflow_chat_request(service, {**body, "adapter_id": str(adapter_with_template)})
+        plain = mlflow_chat_request(service, {**body, "adapter_id": str(tiny_adapters["a"])})
+        base = mlflow_chat_request(service, body)
         out = tokens(service.submit(own))
 
     assert base_tokenizer.decode(own.prompt_token_ids) == "[[adapter-template user]] Hi there\n"

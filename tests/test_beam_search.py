@@ -18,6 +18,9 @@ import pytest
 import torch
 from peft import PeftModel
 
+from lorax_mlflow.api.chat_request import mlflow_chat_request
+from lorax_mlflow.api.completion_request import completion_requests
+from lorax_mlflow.api.schemas import CompletionRequest, parse_request
 from lorax_mlflow.engine.messages import AddRequest, ClientMessage
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import ContextLengthError, InvalidRequestError
@@ -31,6 +34,11 @@ def beam(width: int, max_tokens: int, n: int | None = None, **fields) -> Samplin
 
 def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def prepare(service: LoraxService, body: dict):
+    """A /v1/completions body as the server prepares it."""
+    return completion_requests(service, parse_request(CompletionRequest, body))
 
 
 def hf_beams(hf_model, prompt_ids: list[int], *, width: int, max_tokens: int, stop_ids: list[int],
@@ -109,8 +117,8 @@ def test_finished_beams_score_and_stop_as_in_hf(engine, hf_model, tiny_model_dir
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_the_best_beam_is_at_least_as_likely_as_the_greedy_sequence(service, engine, tiny_model_dir, prompt):
     greedy_output = engine.submit(encode(tiny_model_dir, prompt), greedy(10)).result().outputs[0]
-    (prepared,) = service.prepare_completions({"prompt": prompt, "use_beam_search": True, "best_of": 4,
-                                               "max_tokens": 10, "length_penalty": 0.0, "early_stopping": "never"})
+    (prepared,) = prepare(service, {"prompt": prompt, "use_beam_search": True, "best_of": 4,
+                                    "max_tokens": 10, "length_penalty": 0.0, "early_stopping": "never"})
     (best,) = service.submit(prepared).result().outputs
     assert len(best.token_ids) == len(greedy_output.token_ids) or best.finish_reason == "stop"
     assert best.cumulative_logprob >= greedy_output.cumulative_logprob - 1e-5
@@ -312,7 +320,6 @@ def test_beam_parameters_cross_the_wire_to_the_core():
     ({"best_of": 17}, "best_of"),
     ({"best_of": 2, "n": 3}, "best_of"),
     ({"best_of": 2, "early_stopping": "sometimes"}, "early_stopping"),
-    ({"best_of": 2, "early_stopping": 1}, "early_stopping"),
     ({"best_of": 2, "length_penalty": "long"}, "length_penalty"),
     ({"best_of": 2, "length_penalty": 100}, "length_penalty"),
     ({"best_of": 2, "stop": ["x"]}, "stop"),
@@ -320,8 +327,15 @@ def test_beam_parameters_cross_the_wire_to_the_core():
 ])
 def test_what_beam_search_cannot_honour_is_a_400(service, fields, param):
     with pytest.raises(InvalidRequestError) as raised:
-        service.prepare_completions({"prompt": "Hi", "use_beam_search": True, "max_tokens": 4, **fields})
+        for prepared in prepare(service, {"prompt": "Hi", "use_beam_search": True, "max_tokens": 4, **fields}):
+            service.submit(prepared).abort()
     assert raised.value.param == param
+
+
+def test_the_engine_refuses_beam_parameters_it_cannot_honour_from_any_caller():
+    with pytest.raises(InvalidRequestError) as raised:
+        beam(2, 4, early_stopping=1).validate()
+    assert raised.value.param == "early_stopping"
 
 
 def test_a_search_that_may_not_fit_the_kv_cache_is_refused(tiny_model_dir):
@@ -335,8 +349,8 @@ def test_a_search_that_may_not_fit_the_kv_cache_is_refused(tiny_model_dir):
 
 
 def test_without_use_beam_search_length_penalty_and_early_stopping_are_ignored(service):
-    (prepared,) = service.prepare_completions({"prompt": "Hi", "max_tokens": 4, "length_penalty": 2.0,
-                                               "early_stopping": "sometimes"})
+    (prepared,) = prepare(service, {"prompt": "Hi", "max_tokens": 4, "length_penalty": 100.0,
+                                    "early_stopping": "never"})
     assert not prepared.params.use_beam_search
 
 
@@ -367,7 +381,7 @@ def test_beam_search_through_predict_custom_inputs(served):
     beam_fields = {"use_beam_search": True, "best_of": 3, "length_penalty": 0.5, "early_stopping": "never"}
     response = served.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": 2,
                                "custom_inputs": {"adapter_id": "a", **beam_fields}})
-    prepared = served.service.prepare_chat({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": 2,
-                                            **beam_fields}, model_field="a")
+    prepared = mlflow_chat_request(served.service, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+                                                    "n": 2, "adapter_id": "a", **beam_fields})
     expected = served.service.submit(prepared).result().outputs
     assert [choice["message"]["content"] for choice in response["choices"]] == [o.text for o in expected]

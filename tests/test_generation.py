@@ -12,7 +12,6 @@ import torch
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from lorax_mlflow.errors import InvalidRequestError
 from lorax_mlflow.structured import ResponseFormat, parse_response_format
-from lorax_mlflow.translate import sampling_params
 from tests.engine_support import PROMPTS, encode, greedy, hf_greedy, make_engine
 
 SEEDED = dict(temperature=1.0, top_p=0.9, ignore_eos=True)
@@ -181,8 +180,7 @@ def test_logprobs_zero_reports_the_chosen_token_only(engine, prompt_40):
 
 def test_echo_prompt_logprobs_equal_log_softmax_at_each_prompt_position(engine, hf_model, tiny_model_dir):
     prompt = encode(tiny_model_dir, PROMPTS[2])
-    body = {"prompt": prompt, "echo": True, "logprobs": 3, "max_tokens": 4, "temperature": 0}
-    params = sampling_params(body, prompt_len=len(prompt), max_model_len=engine.max_model_len, completions=True)
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, prompt_logprobs=3)  # echo with logprobs=3
 
     result = run(engine, prompt, params)
 

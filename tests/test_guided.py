@@ -21,7 +21,6 @@ from lorax_mlflow.structured import (
     ResponseFormat,
     parse_structured_output,
 )
-from lorax_mlflow.translate import sampling_params
 from tests.engine_support import encode
 
 CHOICES = ["positive", "negative", "neutral", "it's \"complicated\"\n"]
@@ -99,7 +98,7 @@ def test_malformed_or_conflicting_fields_are_a_400_naming_the_field(body, param,
     [({"guided_regex": "(unclosed"}, "guided_regex"), ({"guided_grammar": "root ::= missing_rule"}, "guided_grammar")],
 )
 def test_what_xgrammar_cannot_compile_is_a_400_at_submission(engine, prompt, body, param):
-    params = sampling_params({**body, "max_tokens": 4}, prompt_len=len(prompt), max_model_len=256)
+    params = SamplingParams(max_tokens=4, structured_output=parse_structured_output(body))
     with pytest.raises(InvalidRequestError, match=f"{param}: the .* is not supported") as raised:
         engine.submit(prompt, params)
     assert raised.value.param == param

@@ -191,6 +191,8 @@ HOSTILE = {
     "token id >= vocab": ("/v1/completions", {"model": "a", "prompt": [VOCAB], "max_tokens": 4}, 400, "prompt"),
     "token id < 0": ("/v1/completions", {"model": "a", "prompt": [-1], "max_tokens": 4}, 400, "prompt"),
     "token id > 2^63": ("/v1/completions", {"model": "", "prompt": [2**63 + 5], "max_tokens": 4}, 400, "prompt"),
+    "echo of a token id < 0": ("/v1/completions", {"model": "", "prompt": [-1], "echo": True, "max_tokens": 2}, 400,
+                               "prompt"),
     "1000 prompts": ("/v1/completions", {"model": "", "prompt": ["hi"] * 1000, "max_tokens": 1}, 400, "prompt"),
     "n x prompts": ("/v1/completions", {"model": "", "prompt": ["hi"] * 100, "n": 16, "max_tokens": 1}, 400, "n"),
     "request chat_template without the operator's consent": (

@@ -17,6 +17,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 import lorax_mlflow
+from lorax_mlflow.api.chat_request import mlflow_chat_request
 from lorax_mlflow.chat_model import unwrap_chat_model
 from tests.mlflow_support import TINY_ENGINE
 
@@ -61,7 +62,7 @@ def test_predict_with_a_named_adapter_equals_the_engine_run_with_that_adapter_fo
     chat_model = unwrap_chat_model(model)
     service = chat_model.service
     via_mlflow = model.predict(chat("Tell me a story", custom_inputs={"adapter_id": "sales"}))
-    prepared = service.prepare_chat(chat("Tell me a story"), model_field=str(tiny_adapters["b"]))
+    prepared = mlflow_chat_request(service, {**chat("Tell me a story"), "adapter_id": str(tiny_adapters["b"])})
     direct = service.submit(prepared).result().outputs[0].text
     assert via_mlflow["choices"][0]["message"]["content"] == direct
     base = model.predict(chat("Tell me a story"))

@@ -17,6 +17,8 @@ import openai
 import pytest
 
 from lorax_mlflow.adapters.cache import AdapterRequest
+from lorax_mlflow.api.chat_request import chat_request
+from lorax_mlflow.api.schemas import ChatCompletionRequest, parse_request
 from lorax_mlflow.chat_model import unwrap_chat_model
 from lorax_mlflow.engine.sampling_params import SamplingParams
 from tests.server_support import running_server, wait_healthy
@@ -34,7 +36,8 @@ def client(server):
 def engine_run(served, body: dict, model: str = ""):
     """Reference: the same request prepared by the shared service and run on the engine directly."""
     service = served.service
-    return service.submit(service.prepare_chat(body, model_field=model)).result()
+    request = parse_request(ChatCompletionRequest, {**body, "model": model})
+    return service.submit(chat_request(service, request, model=model)).result()
 
 
 def engine_completion(served, prompt_ids: list[int], max_tokens: int, model: str = ""):

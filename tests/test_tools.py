@@ -9,7 +9,8 @@ import random
 import jsonschema
 import pytest
 
-from lorax_mlflow import openai_format
+from lorax_mlflow.api.chat_request import mlflow_chat_request
+from lorax_mlflow.api.openai_chat_format import ChatFormatter
 from lorax_mlflow.chat.templates import ChatTemplates
 from lorax_mlflow.errors import InvalidRequestError
 from lorax_mlflow.service import LoraxService
@@ -67,7 +68,6 @@ def test_named_tool_choice_offers_only_that_function():
         ({"tools": [WEATHER, WEATHER]}, "tools", "distinct"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]}, "tools",
          "not a valid JSON schema"),
-        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
         ({"functions": [WEATHER["function"]]}, "functions", "deprecated"),
     ],
 )
@@ -214,11 +214,10 @@ def test_forced_calls_on_20_random_schemas_always_parse_and_validate(service):
         choice = "required" if i % 2 else {"type": "function", "function": {"name": tools[-1]["function"]["name"]}}
         body = {"messages": "Call a function.", "tools": tools, "tool_choice": choice,
                 "temperature": 1.0, "seed": i, "parallel_tool_calls": i % 4 == 1}
-        prepared = service.prepare_chat(body)
+        prepared = mlflow_chat_request(service, body)
         requests.append((tools, choice, prepared, service.submit(prepared)))
     for tools, choice, prepared, stream in requests:
-        response = openai_format.chat_completion(stream.result(), model="m", created=0,
-                                                 tokenizer=service.engine.tokenizer, tools=prepared.tools)
+        response = ChatFormatter(prepared, service.engine.tokenizer, created=0).response(stream.result())
         (choice_out,) = response["choices"]
         assert choice_out["finish_reason"] == "tool_calls", choice_out
         calls = choice_out["message"]["tool_calls"]
@@ -236,16 +235,16 @@ def test_forced_calls_on_20_random_schemas_always_parse_and_validate(service):
 
 def test_forced_tool_choice_with_response_format_is_a_400(service):
     with pytest.raises(InvalidRequestError) as raised:
-        service.prepare_chat({"messages": "hi", "tools": TOOLS, "tool_choice": "required",
-                              "response_format": {"type": "json_object"}})
+        mlflow_chat_request(service, {"messages": "hi", "tools": TOOLS, "tool_choice": "required",
+                                      "response_format": {"type": "json_object"}})
     assert raised.value.param == "tool_choice"
 
 
 def test_streamed_forced_call_arrives_as_one_tool_call_delta_then_finish_reason_tool_calls(service):
-    prepared = service.prepare_chat({"messages": "Weather?", "tools": TOOLS, "tool_choice": "required",
-                                     "max_tokens": 200, "temperature": 0, "parallel_tool_calls": False})
-    deltas = openai_format.ChatDeltas(service.engine.tokenizer, prepared.tools)
-    chunks = [c for output in service.submit(prepared) for c in deltas.choices(output)]
+    prepared = mlflow_chat_request(service, {"messages": "Weather?", "tools": TOOLS, "tool_choice": "required",
+                                             "max_tokens": 200, "temperature": 0, "parallel_tool_calls": False})
+    formatter = ChatFormatter(prepared, service.engine.tokenizer, created=0)
+    chunks = [c for output in service.submit(prepared) if (chunk := formatter.chunk(output)) for c in chunk["choices"]]
     assert chunks[0]["delta"]["role"] == "assistant"
     calls = [call for c in chunks for call in c["delta"].get("tool_calls", [])]
     assert len(calls) == 1 and calls[0]["index"] == 0 and calls[0]["type"] == "function"

@@ -23,7 +23,7 @@ import torch
 from lorax_mlflow.adapters.adapter_folder import BaseModelShape, load_adapter_folder
 from lorax_mlflow.adapters.base_identity import check_base_model
 from lorax_mlflow.adapters.merge import MergeSpec, merge_adapters
-from lorax_mlflow.adapters.sources import AdapterLocation, AdapterSources, parse_adapter_id
+from lorax_mlflow.adapters.sources import AdapterLocation, AdapterSources, check_adapter_source, parse_adapter_id
 from lorax_mlflow.errors import AdapterNotFoundError, AdapterValidationError, InvalidRequestError, LoraxError
 from lorax_mlflow.lora.weights import LoraWeights
 from lorax_mlflow.lora.slots import DeviceSlots
@@ -39,6 +39,9 @@ class AdapterRequest:
     adapter_source: str | None = None
     api_token: str | None = None
     merged_adapters: MergeSpec | None = None
+
+    def __post_init__(self) -> None:
+        check_adapter_source(self.adapter_source)
 
 
 @dataclass(frozen=True)

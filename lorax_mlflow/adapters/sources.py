@@ -93,11 +93,7 @@ def parse_adapter_id(adapter_id: str, adapter_source: str | None = None) -> Adap
     """
     if not isinstance(adapter_id, str) or not adapter_id.strip():
         raise InvalidRequestError("adapter id must be a non-empty string", param="adapter_id")
-    if adapter_source not in (None, "", *ADAPTER_SOURCES):
-        raise InvalidRequestError(
-            f"adapter_source must be one of {list(ADAPTER_SOURCES)}, got {adapter_source!r}",
-            param="adapter_source",
-        )
+    check_adapter_source(adapter_source)
     source = adapter_source or _guess_source(adapter_id)
     if source == "s3":
         return AdapterLocation("s3", canonical_s3_uri(adapter_id))
@@ -113,6 +109,16 @@ def parse_adapter_id(adapter_id: str, adapter_source: str | None = None) -> Adap
             param="adapter_id",
         )
     return AdapterLocation("hub", repo_id, revision or None)
+
+
+def check_adapter_source(adapter_source: str | None) -> None:
+    """The one check of `adapter_source`. `AdapterRequest` runs it, so a request naming the base
+    model with a bad source is refused too; `parse_adapter_id` runs it for its direct callers."""
+    if adapter_source not in (None, "", *ADAPTER_SOURCES):
+        raise InvalidRequestError(
+            f"adapter_source must be one of {list(ADAPTER_SOURCES)}, got {adapter_source!r}",
+            param="adapter_source",
+        )
 
 
 def _guess_source(adapter_id: str) -> AdapterSource:

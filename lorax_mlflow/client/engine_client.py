@@ -1,7 +1,8 @@
 """The engine client: the one way every surface (predict, the HTTP server, benchmarks) reaches the engine.
 
-It holds the tokenizer, validates each request once, resolves its adapter (in the core), and owns the
-output processor that turns the core's per-step token batches into text and per-request streams.
+It holds the tokenizer, validates each request's values once (:meth:`EngineClient.validate`),
+resolves its adapter (in the core), and owns the output processor that turns the core's per-step
+token batches into text and per-request streams.
 The core runs in its own process (lorax_mlflow/client/core_process.py) or, with
 ``EngineConfig.in_process``, on a thread of this one (lorax_mlflow/client/in_process.py).
 Streams are sync (``for``) or asyncio (``async for``, pass ``loop``); leaving one early aborts the
@@ -159,8 +160,13 @@ class EngineClient:
     def shutdown(self) -> None:
         self._connection.shutdown()
 
-    # ----- validation: the one place a request is checked ---------------------------------------
+    # ----- validation: what the engine itself must be given -------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        """The one check of a request's values, run by :meth:`submit`: SamplingParams ranges, token
+        ids inside the vocabulary (prompt, stop_token_ids, logit_bias), the context window and KV
+        capacity, batch limits. This client is a public API (benchmarks and tests submit
+        SamplingParams directly), so these checks live here rather than in the request builders
+        (lorax_mlflow/api/), which check only JSON types (their schemas) and how fields combine."""
         params.validate(self.info.vocab_size)
         self._check_length(prompt, params)
         self._check_engine_limits(params)

@@ -1,4 +1,4 @@
-"""Per-request generation parameters, validated once at submission."""
+"""Per-request generation parameters, validated once at submission (`EngineClient.validate`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _check(ok: bool, param: str, message: str) -> None:
 
 @dataclass
 class SamplingParams:
-    """What to generate and how; names follow the OpenAI API (LoRAX names are mapped in translate)."""
+    """What to generate and how; names follow the OpenAI API (LoRAX names are mapped in api/generate_request.py)."""
 
     max_tokens: int = 16
     temperature: float = 1.0

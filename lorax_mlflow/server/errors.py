@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lorax_mlflow.api.schemas import invalid_request
 from lorax_mlflow.errors import InvalidRequestError, LoraxError
 from lorax_mlflow.redact import redact_text
 
@@ -63,20 +64,8 @@ def error_response(request: Request, error: LoraxError) -> JSONResponse:
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    """The first pydantic error as a 400 naming the parameter (dotted path inside the body)."""
-    first = exc.errors()[0] if exc.errors() else {"type": "value_error", "loc": (), "msg": "invalid request"}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    kind = first.get("type")
-    if kind == "json_invalid":
-        return InvalidRequestError(f"malformed JSON in the request body: {first.get('msg')}", code="invalid_json")
-    if kind == "missing" and not loc:
-        return InvalidRequestError("the request body must be a JSON object", code="invalid_json")
-    if kind == "extra_forbidden":
-        return InvalidRequestError(f"unsupported parameter: {param}", param=param, code="unsupported_parameter")
-    if kind == "missing":
-        return InvalidRequestError(f"missing required parameter: {param}", param=param)
-    return InvalidRequestError(f"invalid value for {param}: {first.get('msg')}", param=param)
+    """FastAPI's parse failure as the 400 every surface answers for the same body."""
+    return invalid_request(list(exc.errors()))
 
 
 def http_error(exc: StarletteHTTPException) -> HTTPStatusError:

@@ -9,29 +9,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from lorax_mlflow import tracing
+from lorax_mlflow.api.generate_request import generate_request
+from lorax_mlflow.api.lorax_format import LoraxFormatter
+from lorax_mlflow.api.schemas import GenerateRequest
 from lorax_mlflow.client.stream import RequestStream
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unless_disconnected
 from lorax_mlflow.server.errors import lorax_error_body
-from lorax_mlflow.server.lorax_format import LoraxFormatter
-from lorax_mlflow.server.lorax_params import adapter_body, fit_to_prompt, generate_sampling_params
 from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
 from lorax_mlflow.server.openapi import SSE, SSE_EVENT_SCHEMA, GenerateResponse, LoraxErrorResponse, errors, ok
-from lorax_mlflow.server.schemas import GenerateRequest
 from lorax_mlflow.server.sse import SSE_HEADERS, sse_event
-from lorax_mlflow.service import LoraxService, PreparedRequest
-
-
-def _prepare(service: LoraxService, body: GenerateRequest, stream: bool, token: str | None) -> PreparedRequest:
-    parameters = body.parameters
-    max_model_len = service.engine.max_model_len
-    params = generate_sampling_params(parameters, stream=stream, max_model_len=max_model_len)
-    prepared = service.prepare_generate(body.inputs, params, adapter_body(parameters), bearer_token=token)
-    if parameters.truncate is not None:
-        prepared.prompt_token_ids = prepared.prompt_token_ids[-parameters.truncate:]
-    prepared.params = fit_to_prompt(prepared.params, parameters, len(prepared.prompt_token_ids), max_model_len)
-    return prepared
 
 
 def lorax_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
@@ -43,7 +31,8 @@ def lorax_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         try:
             service = holder.service
             with trace.template():
-                prepared = await off_loop(_prepare, service, body, stream, bearer_token(request))
+                prepared = await off_loop(generate_request, service, body, stream=stream,
+                                          bearer_token=bearer_token(request))
             record.adapter = prepared.adapter.adapter_id or "base"
             handle = await off_loop(service.submit, prepared, running_loop())
         except LoraxError as error:

@@ -10,14 +10,18 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from lorax_mlflow import openai_format, tracing
+from lorax_mlflow import tracing
+from lorax_mlflow.api.chat_request import chat_request
+from lorax_mlflow.api.completion_request import completion_requests
+from lorax_mlflow.api.openai_chat_format import ChatFormatter
+from lorax_mlflow.api.openai_completion_format import CompletionFormatter
+from lorax_mlflow.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
 from lorax_mlflow.engine.outputs import RequestOutput
 from lorax_mlflow.errors import LoraxError
 from lorax_mlflow.server.common import bearer_token, off_loop, running_loop, unless_disconnected
 from lorax_mlflow.server.metrics import RequestRecord, ServerMetrics
 from lorax_mlflow.server.model_source import ModelHolder
 from lorax_mlflow.server.openapi import ChatCompletion, Completion, ModelList, OpenAIErrorResponse, errors, ok
-from lorax_mlflow.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
 from lorax_mlflow.server.sse import DONE, SSE_HEADERS, merged, sse_event
 from lorax_mlflow.service import LoraxService, PreparedRequest
 
@@ -78,16 +82,14 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         _log_ignored(body, "chat")
         record = metrics.request("chat")
         token = bearer_token(request)
-        fields = body.to_body()
-        trace = tracing.start_request("chat.completions", fields)
+        trace = tracing.start_request("chat.completions", body.to_body())
         service, (prepared,), streams = await prepare(
-            record, lambda s: s.prepare_chat(fields, model_field=body.model, bearer_token=token), trace
+            record, lambda s: chat_request(s, body, model=body.model, bearer_token=token), trace
         )
-        created = int(time.time())
-        tokenizer = service.engine.tokenizer
+        formatter = ChatFormatter(prepared, service.engine.tokenizer, created=int(time.time()))
         if body.stream:
             return StreamingResponse(
-                _chat_events(merged(streams), prepared, created, _include_usage(body), tokenizer, record, trace),
+                _chat_events(merged(streams), formatter, _include_usage(body), record, trace),
                 media_type="text/event-stream", headers=SSE_HEADERS,
             )
         try:
@@ -98,8 +100,7 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
             raise
         record.output(output)
         record.close(200)
-        response = openai_format.chat_completion(output, model=prepared.model, created=created, tokenizer=tokenizer,
-                                                 tools=prepared.tools)
+        response = formatter.response(output)
         trace.finish(output, response)
         return response
 
@@ -108,16 +109,16 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
         _log_ignored(body, "completions")
         record = metrics.request("completions")
         token = bearer_token(request)
-        fields = body.to_body()
-        trace = tracing.start_request("completions", fields)
+        trace = tracing.start_request("completions", body.to_body())
         service, prepared, streams = await prepare(
-            record, lambda s: s.prepare_completions(fields, model_field=body.model, bearer_token=token), trace
+            record, lambda s: completion_requests(s, body, bearer_token=token), trace
         )
-        created = int(time.time())
-        tokenizer = service.engine.tokenizer
+        formatter = CompletionFormatter(
+            prepared, service.engine.tokenizer, created=int(time.time()), echo=body.echo, suffix=body.suffix,
+            prompt_tokenizer=service.templates.tokenizer_for(prepared[0].adapter.folder))
         if body.stream:
             return StreamingResponse(
-                _completion_events(merged(streams), prepared, body, created, tokenizer, record, trace),
+                _completion_events(merged(streams), formatter, len(prepared), _include_usage(body), record, trace),
                 media_type="text/event-stream", headers=SSE_HEADERS,
             )
         try:
@@ -126,18 +127,10 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
             record.close(error.status)
             trace.fail(error)
             raise
-        choices = []
-        n = prepared[0].params.n
-        for prompt_index, (item, output) in enumerate(zip(prepared, finals)):
+        for output in finals:
             record.output(output)
-            for choice in output.outputs:
-                choices.append(openai_format.text_completion_choice(
-                    choice, index=openai_format.choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
-                    prompt_text=item.prompt_text, prompt_logprobs=output.prompt_logprobs, suffix=body.suffix,
-                ))
         record.close(200)
-        usage = openai_format.usage(*finals)
-        response = openai_format.text_completion(finals[0].request_id, prepared[0].model, created, choices, usage)
+        response = formatter.response(finals)
         trace.finish(finals[0], response)
         return response
 
@@ -158,30 +151,25 @@ def openai_router(holder: ModelHolder, metrics: ServerMetrics) -> APIRouter:
 
 async def _chat_events(
     outputs: AsyncIterator[tuple[int, RequestOutput]],
-    prepared: PreparedRequest,
-    created: int,
+    formatter: ChatFormatter,
     include_usage: bool,
-    tokenizer,
     record: RequestRecord,
     trace: tracing.RequestTrace,
 ) -> AsyncIterator[str]:
     status = 499  # client closed the stream before the end
-    deltas = openai_format.ChatDeltas(tokenizer, prepared.tools)
     last: RequestOutput | None = None
     try:
         try:
             async for _, output in outputs:
                 last = output
-                choices = deltas.choices(output)
-                if choices:
-                    yield sse_event(openai_format.chat_chunk(output.request_id, prepared.model, created, choices))
+                chunk = formatter.chunk(output)
+                if chunk is not None:
+                    yield sse_event(chunk)
             assert last is not None
             record.output(last)
             trace.finish(last)
             if include_usage:
-                yield sse_event(openai_format.chat_chunk(
-                    last.request_id, prepared.model, created, [], openai_format.usage(last)
-                ))
+                yield sse_event(formatter.usage_chunk(last))
             status = 200
         except LoraxError as error:
             status = error.status
@@ -196,46 +184,26 @@ async def _chat_events(
 
 async def _completion_events(
     outputs: AsyncIterator[tuple[int, RequestOutput]],
-    prepared: list[PreparedRequest],
-    body: CompletionRequest,
-    created: int,
-    tokenizer,
+    formatter: CompletionFormatter,
+    prompts: int,
+    include_usage: bool,
     record: RequestRecord,
     trace: tracing.RequestTrace,
 ) -> AsyncIterator[str]:
     status = 499
-    n = prepared[0].params.n
-    started: set[tuple[int, int]] = set()
     finals: dict[int, RequestOutput] = {}
-    request_id = None
     try:
         try:
             async for prompt_index, output in outputs:
-                request_id = request_id or output.request_id
-                choices = []
-                for choice in output.outputs:
-                    key = (prompt_index, choice.index)
-                    is_first = key not in started
-                    started.add(key)
-                    echo = prepared[prompt_index].prompt_text if is_first else None
-                    if not (choice.delta_text or choice.finish_reason or echo is not None or choice.delta_logprobs):
-                        continue
-                    choices.append(openai_format.text_completion_choice(
-                        choice, index=openai_format.choice_index(prompt_index, n, choice.index), tokenizer=tokenizer,
-                        prompt_text=echo, prompt_logprobs=output.prompt_logprobs if echo is not None else None,
-                        suffix=body.suffix, delta=True,
-                    ))
+                chunk = formatter.chunk(prompt_index, output)
                 if output.finished:
                     finals[prompt_index] = output
                     record.output(output)
-                if choices:
-                    yield sse_event(openai_format.text_completion(request_id, prepared[0].model, created, choices,
-                                                                  None))
+                if chunk is not None:
+                    yield sse_event(chunk)
             trace.finish(finals[0])
-            if _include_usage(body):
-                ordered = [finals[i] for i in range(len(prepared))]
-                usage = openai_format.usage(*ordered)
-                yield sse_event(openai_format.text_completion(request_id, prepared[0].model, created, [], usage))
+            if include_usage:
+                yield sse_event(formatter.usage_chunk([finals[i] for i in range(prompts)]))
             status = 200
         except LoraxError as error:
             status = error.status

@@ -109,9 +109,7 @@ def parse_tools(body: Mapping[str, Any]) -> ToolRequest | None:
             raise InvalidRequestError(f"{legacy} is the deprecated form of tools: send tools and tool_choice",
                                       param=legacy)
     tools = body.get("tools")
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise InvalidRequestError("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
+    parallel = body.get("parallel_tool_calls")  # a boolean (the request's schema checked it)
     if not tools:
         if body.get("tool_choice") not in (None, "none"):
             raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
