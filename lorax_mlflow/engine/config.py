@@ -157,9 +157,11 @@ class EngineConfig:
         0, "draft tokens per step: with Medusa heads at most this many (0: one per head); without, prompt "
         "lookup (n-gram match in the prompt and output so far) drafts this many (0: off)", kind=int)
     speculative_max_batch_size: int = setting(
-        8, "no speculation while more sequences than this decode: verifying drafts multiplies a step's tokens, "
+        4, "no speculation while more sequences than this decode: verifying drafts multiplies a step's tokens, "
         "which pays only while a step costs about the same for 1 or K + 1 tokens per sequence "
         "(benchmarks/speculative.py)", kind=int)
+    """4 from that benchmark's sweep on a 2-core AVX2 CPU, where a decode step is bound by its GEMMs:
+    Medusa paid 1.35x at 2 streams and 1.12x at 4, and lost (0.75x) at 8."""
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
