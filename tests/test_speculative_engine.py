@@ -105,10 +105,15 @@ def test_default_speculative_adapter_drafts_for_requests_without_heads(
     assert counters.accepted[""] > 0
 
 
-def test_seeded_sampling_with_speculation_is_reproducible_alone_and_in_a_batch(tiny_model_dir, medusa, adapter_root):
+@pytest.mark.parametrize("max_batch_size", [1, 64])
+def test_seeded_sampling_with_speculation_is_reproducible_alone_and_in_a_batch(tiny_model_dir, medusa, adapter_root,
+                                                                              max_batch_size):
+    """The engine speculates for the batch's other requests (limit 64) or switches speculation off
+    (limit 1); a seeded sampled request never speculates, so its seed gives the same tokens alone and
+    in the batch either way."""
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, top_k=20, seed=7)
     prompt = encode(tiny_model_dir, PROMPTS[1])
-    engine = make_engine(tiny_model_dir, [adapter_root], speculative_tokens=3)
+    engine = make_engine(tiny_model_dir, [adapter_root], speculative_tokens=3, speculative_max_batch_size=max_batch_size)
     try:
         alone = engine.submit(prompt, params, adapter(str(medusa["identity"]))).result().outputs[0].token_ids
         others = [engine.submit(encode(tiny_model_dir, p), SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0))

@@ -27,9 +27,15 @@ from lorax_mlflow.engine.sampling_params import SamplingParams
 
 def can_speculate(params: SamplingParams, has_grammar: bool) -> bool:
     """Whether drafts can be verified for this row: its target distribution at each draft position must
-    depend only on the logits there (no grammar state, no penalties over the tokens so far)."""
+    depend only on the logits there (no grammar state, no penalties over the tokens so far).
+
+    Seeded sampling never speculates: verification draws its randomness differently from plain
+    sampling, and whether a step speculates depends on the other requests (the batch-size rule), so
+    a seed would no longer give the same tokens alone and in a batch."""
+    seeded_sampling = params.seed is not None and params.temperature > 0
     return (
         not has_grammar
+        and not seeded_sampling
         and params.repetition_penalty == 1.0
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
