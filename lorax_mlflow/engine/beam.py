@@ -197,36 +197,25 @@ class BeamSearch:
 
     def copy_of(self, parent: Sequence) -> Sequence:
         """A new running beam with `parent`'s tokens and progress (its blocks are forked by the scheduler)."""
-        return Sequence(
-            request_id=parent.request_id,
-            token_ids=list(parent.token_ids),
-            num_prompt_tokens=parent.num_prompt_tokens,
-            params=parent.params,
-            adapter_key=parent.adapter_key,
-            status=SequenceStatus.RUNNING,
-            num_cached_tokens=parent.num_cached_tokens,
-            cumulative_logprob=parent.cumulative_logprob,
-            num_cached_prompt_tokens=parent.num_cached_prompt_tokens,
-            beam=self,
-        )
+        return self._beam_from(parent, list(parent.token_ids), status=SequenceStatus.RUNNING,
+                               num_cached_tokens=parent.num_cached_tokens,
+                               cumulative_logprob=parent.cumulative_logprob)
 
     def restart(self) -> Sequence:
         """Start over from the prompt (after a preemption): a new head is the only live beam."""
         head = self.head
-        self.head = Sequence(
-            request_id=head.request_id,
-            token_ids=head.prompt_token_ids,
-            num_prompt_tokens=head.num_prompt_tokens,
-            params=head.params,
-            adapter_key=head.adapter_key,
-            num_cached_prompt_tokens=head.num_cached_prompt_tokens,
-            beam=self,
-        )
+        self.head = self._beam_from(head, head.prompt_token_ids)
         self.live[:] = [self.head]
         self.live_logprobs[:] = [[]]
         self.live_top[:] = [[]]
         self.hypotheses = []
         return self.head
+
+    def _beam_from(self, parent: Sequence, token_ids: list[int], **progress) -> Sequence:
+        """A sequence of this search with `parent`'s request, prompt and adapter, and `token_ids`."""
+        return Sequence(request_id=parent.request_id, token_ids=token_ids, num_prompt_tokens=parent.num_prompt_tokens,
+                        params=parent.params, adapter_key=parent.adapter_key,
+                        num_cached_prompt_tokens=parent.num_cached_prompt_tokens, beam=self, **progress)
 
     def best(self) -> list[Hypothesis]:
         """The n best hypotheses, best first."""
