@@ -241,8 +241,10 @@ def main() -> None:
     runner = client.core.runner  # in-process: the decode steps can be timed against their roofline
     bandwidth = copy_bandwidth_bytes_per_ms(runner.device, repeats=5) * 1e3
     hidden, intermediate = runner.hf_config.hidden_size, runner.hf_config.intermediate_size
+    threads_here = torch.get_num_threads()
     torch.set_num_threads(1)  # the rate of the GEMM at the steps' own thread count
     gemm_rate = gemm_flops_per_s(runner.device, runner.dtype, len(prompts), hidden, 2 * intermediate)
+    torch.set_num_threads(threads_here)  # PEFT, later in this process, keeps every core
     for label, round_names in (("in-process, base only", base_names), (f"in-process, {args.adapters} adapters", names)):
         with timed_decode_steps(runner, len(prompts)) as steps:
             rate(round_names)
