@@ -303,8 +303,7 @@ class EngineCore:
         failure the requests that emitted nothing yet can be run again on their own."""
         seqs = [item.seq for item in scheduled if item.samples]  # a prefill chunk short of the prompt's end samples nothing
         sampled = [seq for seq in seqs if seq.beam is None]
-        keep_hidden = self.speculator.needs_hidden(sampled, len(self.scheduler.running))
-        logits = self.runner.execute(scheduled, self.slots.ranks, keep_hidden)
+        logits = self.runner.execute(scheduled, self.slots.ranks, self.speculator.needs_hidden(sampled))
         for item in scheduled:
             if item.seq.seq_id in logits.prompt:
                 self._add_prompt_logprobs(item.seq, *logits.prompt[item.seq.seq_id])

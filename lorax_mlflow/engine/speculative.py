@@ -156,10 +156,8 @@ class Speculator:
         own = self.medusa_of_slot[seq.lora_slot] if seq.lora_slot >= 0 else None
         return own if own is not None else self.default_heads
 
-    def needs_hidden(self, seqs: Seq, num_decoding: int) -> bool:
-        """Whether this step must keep its hidden states: Medusa heads will draft from them, which
-        they will not while the batch is past the size limit."""
-        return num_decoding <= self.max_batch_size and any(self.heads_for(seq) is not None for seq in seqs)
+    def needs_hidden(self, seqs: Seq) -> bool:
+        return any(self.heads_for(seq) is not None for seq in seqs)
 
     def verify(self, sampler, rows: Seq, logits: Seq[torch.Tensor]) -> list[VerifiedRow]:
         """Verify the drafts the `rows` fed (their `draft_token_ids`), given each row's [1 + K, V] logits."""
