@@ -53,6 +53,17 @@ def assert_nothing_leaked(engine) -> None:
     assert all(refs == 0 for refs in engine.core.slots.refs)
 
 
+def run_speculating(model_dir, adapter_root, pairs, **config):
+    """`pairs` on an engine built with `config`: (greedy outputs, the speculator's counters); nothing leaks."""
+    engine = make_engine(model_dir, [adapter_root], **config)
+    try:
+        outputs = run_all(engine, model_dir, pairs)
+        assert_nothing_leaked(engine)
+        return outputs, engine.core.speculator.counters
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tiny_adapters, medusa, adapter_root) -> list[list[int]]:
     engine = make_engine(tiny_model_dir, [adapter_root])
@@ -73,13 +84,7 @@ def reference(tiny_model_dir, tiny_adapters, medusa, adapter_root) -> list[list[
 def test_greedy_output_is_unchanged_by_speculation(config, reference, tiny_model_dir, tiny_adapters, medusa,
                                                    adapter_root, caplog):
     caplog.set_level(logging.DEBUG, logger="lorax_mlflow.engine.scheduler")
-    engine = make_engine(tiny_model_dir, [adapter_root], **config)
-    try:
-        outputs = run_all(engine, tiny_model_dir, requests(tiny_adapters, medusa))
-        counters = engine.core.speculator.counters
-        assert_nothing_leaked(engine)
-    finally:
-        engine.shutdown()
+    outputs, counters = run_speculating(tiny_model_dir, adapter_root, requests(tiny_adapters, medusa), **config)
 
     assert outputs == reference
     assert ("preempting sequence" in caplog.text) == ("kv_cache_bytes" in config)
@@ -91,14 +96,8 @@ def test_greedy_output_is_unchanged_by_speculation(config, reference, tiny_model
 def test_default_speculative_adapter_drafts_for_requests_without_heads(
     reference, tiny_model_dir, tiny_adapters, medusa, adapter_root
 ):
-    engine = make_engine(tiny_model_dir, [adapter_root], speculative_adapter=str(medusa["identity"]),
-                         speculative_max_batch_size=64)
-    try:
-        outputs = run_all(engine, tiny_model_dir, requests(tiny_adapters, medusa))
-        counters = engine.core.speculator.counters
-        assert_nothing_leaked(engine)
-    finally:
-        engine.shutdown()
+    outputs, counters = run_speculating(tiny_model_dir, adapter_root, requests(tiny_adapters, medusa),
+                                        speculative_adapter=str(medusa["identity"]), speculative_max_batch_size=64)
 
     assert outputs == reference
     assert counters.proposed[""] > 0 and counters.proposed[str(tiny_adapters["a"])] > 0  # heads, not prompt lookup
@@ -128,11 +127,7 @@ def test_seeded_sampling_with_speculation_is_reproducible_alone_and_in_a_batch(t
 
 
 def test_no_speculation_above_the_batch_size_limit(tiny_model_dir, adapter_root, reference, tiny_adapters, medusa):
-    engine = make_engine(tiny_model_dir, [adapter_root], speculative_tokens=3, speculative_max_batch_size=0)
-    try:
-        outputs = run_all(engine, tiny_model_dir, requests(tiny_adapters, medusa))
-        counters = engine.core.speculator.counters
-    finally:
-        engine.shutdown()
+    outputs, counters = run_speculating(tiny_model_dir, adapter_root, requests(tiny_adapters, medusa),
+                                        speculative_tokens=3, speculative_max_batch_size=0)
     assert outputs == reference
     assert sum(counters.proposed.values()) == 0
