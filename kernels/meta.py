@@ -34,6 +34,11 @@ class LoraBatchMeta:
                             lets the torch path use plain slices instead of gather/scatter.
     segment_tokens          per segment, its token indices (views of sorted_token_indices), made
                             once here so layers do not re-slice them.
+    uniform_rows            the rows ``[start, stop)`` of the batch when the tokens with an adapter are
+                            exactly that run, grouped by slot, every segment the same length (a
+                            decode step packed by slot whose adapters have equally many sequences):
+                            segment g is then rows ``start + g * width ...`` and the CPU path runs
+                            every segment at once on views, with no gather or scatter; else None.
     padded_token_index      int64 [G * max_segment_tokens]: segment g's tokens at rows
                             g * max_segment_tokens + i, padding rows pointing at token 0
     padded_valid            float32 [G * max_segment_tokens, 1]: 1 for real rows, 0 for padding
@@ -55,6 +60,7 @@ class LoraBatchMeta:
     segment_tokens: tuple[torch.Tensor, ...]
     padded_token_index: torch.Tensor
     padded_valid: torch.Tensor
+    uniform_rows: slice | None
 
     @property
     def num_segments(self) -> int:
@@ -134,6 +140,7 @@ def make_lora_meta(
         ),
         padded_token_index=views[5],
         padded_valid=views[6].to(torch.float32).view(-1, 1),
+        uniform_rows=_uniform_rows(first_tokens, counts_host),
     )
 
 
@@ -158,6 +165,13 @@ def _padded_layout(
         index[segment, :count] = sorted_tokens[start : start + count]
         valid[segment, :count] = 1
     return index.view(-1), valid.view(-1)
+
+
+def _uniform_rows(first_tokens: tuple[int, ...], counts: tuple[int, ...]) -> slice | None:
+    """The run of rows the segments tile back to back with one length each, if they do."""
+    width, start = counts[0], first_tokens[0]
+    tiled = all(count == width and first == start + g * width for g, (first, count) in enumerate(zip(first_tokens, counts)))
+    return slice(start, start + len(counts) * width) if tiled and start >= 0 else None
 
 
 def _first_token_if_contiguous(tokens: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .meta import LoraBatchMeta
-from .padded_cpu import padded_add_lora, prefer_padded
+from .padded_cpu import padded_add_lora, prefer_padded, uniform_add_lora
 from .shapes import check_expand_args, check_shrink_args
 
 
@@ -49,6 +49,9 @@ def add_lora(
 ) -> None:
     check_shrink_args(x, [a_stack], meta)
     check_expand_args((1, meta.num_tokens, a_stack.shape[1]), [b_stack], meta, y)
+    if meta.uniform_rows is not None and y.is_contiguous():
+        uniform_add_lora(y, x, a_stack, b_stack, meta)
+        return
     if prefer_padded(meta, a_stack.shape[1], a_stack.shape[2], b_stack.shape[1]):
         padded_add_lora(y, x, a_stack, b_stack, meta)
         return

@@ -62,6 +62,9 @@ KERNEL_CASES = [
     KernelCase("fixed_order_split_sum", _random_slots(7, 3, seed=10), 3, 2600, (24, 16), 8),  # > 1024 inputs: 3 splits
     KernelCase("long_segments", _random_slots(150, 3, seed=8), 3, 48, (40, 24), 16),
     KernelCase("rank_slice_of_wider_buffers", _random_slots(9, 3, seed=9), 3, 40, (24, 16), 8, buffer_rank=32),
+    # Packed by slot as the runner packs a step, equally many tokens per adapter: the views path.
+    KernelCase("slot_ordered_equal_segments", (-1, -1, 0, 0, 2, 2, 3, 3), 4, 64, (48,), 8, buffer_rank=16),
+    KernelCase("slot_ordered_one_token_each", (0, 1, 2, 3, 4, 5, -1), 6, 48, (40, 16), 8),
 ]
 
 
@@ -162,6 +165,14 @@ def test_meta_groups_tokens_by_slot_stably_and_skips_tokens_without_adapter():
 def test_meta_marks_contiguous_requests():
     meta = make_lora_meta(torch.tensor([1, 1, 1, -1, 0, 0]), num_slots=2)
     assert meta.segment_first_tokens == (4, 0)
+
+
+def test_meta_marks_segments_that_tile_one_run_of_rows_with_one_length():
+    assert make_lora_meta([-1, -1, 0, 0, 3, 3, 5, 5], num_slots=6).uniform_rows == slice(2, 8)
+    assert make_lora_meta([1, 2, 4], num_slots=6).uniform_rows == slice(0, 3)
+    assert make_lora_meta([0, 0, -1, 1, 1], num_slots=2).uniform_rows is None  # a gap inside the run
+    assert make_lora_meta([0, 0, 1], num_slots=2).uniform_rows is None  # lengths differ
+    assert make_lora_meta([0, 1, 0, 1], num_slots=2).uniform_rows is None  # not grouped by slot
 
 
 def test_meta_is_none_when_no_token_has_an_adapter():

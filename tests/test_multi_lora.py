@@ -36,6 +36,35 @@ def test_mixed_batch_over_three_adapters_and_base_equals_peft_one_at_a_time(engi
     assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
+def test_interleaved_requests_decode_as_one_run_of_rows_per_adapter_and_equal_peft(
+    engine, tiny_model_dir, tiny_adapters, monkeypatch
+):
+    """The runner packs a step's rows by adapter slot, so two sequences each of two adapters,
+    submitted interleaved, decode as views of one run of rows (no gather), and still equal PEFT."""
+    import lorax_mlflow.engine.model_runner as model_runner
+
+    metas = []
+
+    def recording_meta(*args, **kwargs):
+        metas.append(make_lora_meta(*args, **kwargs))
+        return metas[-1]
+
+    make_lora_meta = model_runner.make_lora_meta
+    monkeypatch.setattr(model_runner, "make_lora_meta", recording_meta)
+    cases = [(name, encode(tiny_model_dir, PROMPTS[i])) for i, name in enumerate(["a", "b", None, "a", "b"])]
+    streams = [
+        engine.submit(prompt, greedy(8), adapter(str(tiny_adapters[name])) if name else None)
+        for name, prompt in cases
+    ]
+    results = [stream.result().outputs[0].token_ids for stream in streams]
+    assert any(m is not None and m.num_tokens == 5 and m.uniform_rows == slice(1, 5) for m in metas), \
+        "a decode step of all five sequences: the base row first, then each adapter's two rows"
+    base = load_hf(tiny_model_dir)
+    for (name, prompt), got in zip(cases, results):
+        expected = peft_greedy(tiny_model_dir, tiny_adapters[name], prompt, 8) if name else hf_greedy(base, prompt, 8)
+        assert got == expected, f"adapter {name}"
+
+
 def test_adapters_change_the_output(engine, tiny_model_dir, tiny_adapters):
     prompt = encode(tiny_model_dir, PROMPTS[0])
     outputs = {

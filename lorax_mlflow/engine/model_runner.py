@@ -122,10 +122,13 @@ class ModelRunner:
     ) -> StepLogits:
         """One packed forward over the new tokens of `scheduled`; `slot_ranks[slot]` = adapter rank per slot.
 
-        One-token rows (decodes) are packed first, then the prefill chunks, as the attention expects.
+        One-token rows (decodes) are packed first, then the prefill chunks, as the attention expects;
+        each part in order of adapter slot, so that an adapter's rows are one run of the batch (the
+        LoRA layers then read them as views: see `LoraBatchMeta.uniform_rows`).
         A sequence with draft tokens feeds them after its last token and keeps the logits at each.
         """
-        fed = sorted((item for item in scheduled if item.num_new_tokens > 0), key=lambda item: item.num_new_tokens > 1)
+        fed = sorted((item for item in scheduled if item.num_new_tokens > 0),
+                     key=lambda item: (item.num_new_tokens > 1, item.seq.lora_slot))
         input_ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
