@@ -14,6 +14,10 @@ gets the whole step budget: nobody waits on it.
 
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger(__name__)
+
 _SMOOTHING = 0.3
 _MIN_CHUNK = 32
 _INITIAL_CHUNK = 256
@@ -46,6 +50,8 @@ class PrefillBudget:
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
         """Learn from one step: `num_decodes` one-token rows and `num_prefill_tokens` prefill tokens in `seconds`."""
+        logger.debug("step: %d decodes, %d prefill tokens, %.1f ms (decode step %s ms, prefill token %s ms)",
+                     num_decodes, num_prefill_tokens, 1000 * seconds, _ms(self.decode_step_s), _ms(self.prefill_token_s))
         if num_prefill_tokens == 0:
             if num_decodes:
                 self.decode_step_s = _average(self.decode_step_s, seconds)
@@ -59,3 +65,7 @@ class PrefillBudget:
 
 def _average(current: float | None, sample: float) -> float:
     return sample if current is None else (1 - _SMOOTHING) * current + _SMOOTHING * sample
+
+
+def _ms(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{1000 * seconds:.1f}"
