@@ -79,8 +79,8 @@ def _attend(
 
     for rows in ctx.decodes.groups if ctx.decodes is not None else ():
         n = rows.block_tables.shape[0]
-        k = k_blocks[rows.block_tables].view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # [n, Hkv, L, D]
-        v = v_blocks[rows.block_tables].view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+        k = _gather_blocks(k_blocks, rows.block_tables).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # [n, Hkv, L, D]
+        v = _gather_blocks(v_blocks, rows.block_tables).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
         folded = q[rows.rows].reshape(n, num_kv_heads, group, head_dim)
         attended = F.scaled_dot_product_attention(
             folded, k.to(q.dtype), v.to(q.dtype), attn_mask=rows.key_mask, scale=scale
@@ -97,8 +97,8 @@ def _attend(
             )
             out[span] = attended[0].transpose(0, 1)
             continue
-        k = k_blocks[chunk.block_table].view(-1, num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, blocks * size, D]
-        v = v_blocks[chunk.block_table].view(-1, num_kv_heads, head_dim).transpose(0, 1)
+        k = _gather_blocks(k_blocks, chunk.block_table).view(-1, num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, blocks * size, D]
+        v = _gather_blocks(v_blocks, chunk.block_table).view(-1, num_kv_heads, head_dim).transpose(0, 1)
         n = chunk.num_tokens
         folded = q[span].reshape(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, head_dim)
         attended = F.scaled_dot_product_attention(
@@ -107,6 +107,13 @@ def _attend(
         )  # [1, Hkv, group * n, D], rows (g, i)
         out[span] = attended[0].reshape(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_q_heads, head_dim)
     return out
+
+
+def _gather_blocks(blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``blocks[table]`` (whole cache blocks, in table order) through index_select: one contiguous copy
+    per block, where advanced indexing walks element by element (3-4x slower on CPU for a decode
+    step's tables, measured)."""
+    return blocks.index_select(0, table.reshape(-1)).view(*table.shape, *blocks.shape[1:])
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorax_kernels import make_lora_meta
+from lorax_kernels.skinny_linear import use_skinny_linears
 from lorax_mlflow.engine.attention import register_paged_attention
 from lorax_mlflow.engine.config import EngineConfig
 from lorax_mlflow.engine.context import attention_context, build_attention_context
@@ -58,6 +59,7 @@ class ModelRunner:
         self.hf_config = self.model.config
         self.max_loras = self._num_lora_slots()
         self.lora_layers = inject_multi_lora(self.model, config.target_modules, self.max_loras, config.max_lora_rank)
+        use_skinny_linears(self.model)  # decode-sized GEMMs that split well over threads (lorax_kernels)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         model_max = getattr(hf_config, "max_position_embeddings", None) or 8192
         self.max_model_len = config.max_model_len or min(model_max, 8192)

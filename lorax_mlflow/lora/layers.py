@@ -4,10 +4,10 @@ factors, routed per token; LoraSlice: the face one original projection keeps ins
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorax_kernels import add_lora, lora_expand, lora_shrink
+from lorax_kernels.skinny_linear import linear
 from lorax_mlflow.lora.routing import current_routing
 
 
@@ -93,7 +93,7 @@ class MultiLoraLinear(nn.Module):
             b_view[rank:previous_rank].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         routing = current_routing()
         if routing is None:
             return y
