@@ -8,8 +8,9 @@ adapters at the chosen rank, so a replica cannot keep all of them and routing de
 adapters are loaded again.
 
 Three runs of one workload in one Ray cluster: 1 replica with affinity routing, 2 replicas with
-affinity routing (Serve model multiplexing on the adapter id), and 2 replicas with Serve's
-default load-based routing. Prints throughput, p50 time to first token and adapter loads per
+affinity routing (each adapter to its owner replica by rendezvous hashing, the next one while the
+owner is overloaded: `lorax_mlflow.ray.AdapterOwnerRouter`), and 2 replicas with Serve's default
+load-based routing. Prints throughput, p50 time to first token and adapter loads per
 request for each, then the targets: 2 replicas / 1 replica throughput >= 1.7, loads per request
 affinity / load-based <= 0.6, p50 TTFT of 2 replicas no worse than 1.
 
@@ -29,12 +30,14 @@ import socket
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from benchmarks.common import PROMPTS, machine_line
+from lorax_mlflow.ray.adapter_owner import LoadBound
 
 
 @dataclass
@@ -44,6 +47,7 @@ class RunResult:
     tokens: int
     ttft_ms: list[float]
     loads_by_replica: dict[str, int] = field(default_factory=dict)
+    requests_by_replica: Counter = field(default_factory=Counter)
     requests: int = 0
     failures: int = 0
 
@@ -54,6 +58,11 @@ class RunResult:
     @property
     def loads_per_request(self) -> float:
         return sum(self.loads_by_replica.values()) / max(self.requests, 1)
+
+    @property
+    def busiest_share(self) -> float:
+        """Share of the answered requests that the busiest replica answered."""
+        return max(self.requests_by_replica.values()) / max(sum(self.requests_by_replica.values()), 1)
 
     @property
     def p50_ttft_ms(self) -> float:
@@ -128,6 +137,7 @@ async def drive(url: str, workload: list[str], args: argparse.Namespace, name: s
                     await response.aread()
                     continue
                 note_loads(response.headers)
+                result.requests_by_replica[response.headers.get(REPLICA_HEADER)] += 1
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -157,6 +167,7 @@ def run_config(model_path: Path, name: str, replicas: int, affinity: bool, workl
     from lorax_mlflow.ray import build_app
 
     app = build_app(str(model_path), replicas=replicas, num_cpus_per_replica=1, affinity=affinity,
+                    overload_slack=args.overload_slack, overload_ratio=args.overload_ratio,
                     max_ongoing_requests=max(args.concurrency, 8), engine_env={"LORAX_NUM_THREADS": "1"})
     started = time.perf_counter()
     serve.run(app, name="scale-out", route_prefix="/")
@@ -185,6 +196,11 @@ def main() -> None:
     parser.add_argument("--host-adapters", type=int, default=30, help="adapters one replica's host cache holds")
     parser.add_argument("--slots", type=int, default=8, help="device slots per replica")
     parser.add_argument("--kv-cache-mib", type=int, default=64)
+    parser.add_argument("--overload-slack", type=int, default=LoadBound.slack,
+                        help="affinity routing leaves an adapter's owner when it carries more than this many requests "
+                             "above the least-loaded replica...")
+    parser.add_argument("--overload-ratio", type=float, default=LoadBound.ratio,
+                        help="...and more than this times the least-loaded replica's requests")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -215,17 +231,20 @@ def main() -> None:
     print(f"\nScale-out on Ray Serve over loopback: {args.model} model, {args.adapters} rank-{args.rank} adapters "
           f"(Zipf s={args.zipf}, {distinct} distinct in {args.requests} requests), {args.concurrency} streaming "
           f"clients, {args.max_tokens} tokens each; 1 CPU per replica, host cache {args.host_adapters} adapters, "
-          f"{args.slots} slots")
+          f"{args.slots} slots; affinity leaves an owner over {args.overload_slack} requests and "
+          f"{args.overload_ratio}x above the least-loaded replica")
     print(f"machine: {machine_line()}; Serve proxy, ingress and this client share the same cores as the replicas")
-    print(f"{'run':<32} {'tokens/s':>9} {'p50 TTFT ms':>12} {'adapter loads/request':>22} {'failed':>7}")
+    print(f"{'run':<32} {'tokens/s':>9} {'p50 TTFT ms':>12} {'adapter loads/request':>22} {'busiest replica':>16} "
+          f"{'failed':>7}")
     for run in runs:
         print(f"{run.name:<32} {run.tokens_per_s:>9.1f} {run.p50_ttft_ms:>12.1f} {run.loads_per_request:>22.3f} "
-              f"{run.failures:>7}")
+              f"{run.busiest_share:>15.0%} {run.failures:>7}")
     one, two, spread = runs
     print(f"2 replicas / 1 replica throughput = {two.tokens_per_s / one.tokens_per_s:.2f} (target >= 1.7)")
     ratio = two.loads_per_request / spread.loads_per_request if spread.loads_per_request else float("nan")
     print(f"adapter loads per request, affinity / load-based = {ratio:.2f} (target <= 0.6)")
     print(f"p50 TTFT 2 replicas / 1 replica = {two.p50_ttft_ms / one.p50_ttft_ms:.2f} (target <= 1.0)")
+    print(f"p50 TTFT affinity / load-based = {two.p50_ttft_ms / spread.p50_ttft_ms:.2f} (target <= 1.0)")
     print(f"cores: {os.cpu_count()}; 2 replicas x 1 core leave no core for Serve's proxy, the ingress and the "
           "client on a 2-core machine")
 

@@ -93,6 +93,21 @@ def test_requests_for_one_adapter_land_on_the_same_replica(ray_url, tiny_adapter
     assert generated.status_code == 200 and generated.headers[REPLICA_HEADER] == replica_of(ray_url, "a")
 
 
+def test_adapters_are_split_between_the_replicas_each_always_on_its_owner(ray_url):
+    def answered_by(model: str) -> str:  # unknown adapters: a quick 4xx, routed like any other
+        response = httpx.post(ray_url + "/v1/chat/completions", timeout=120, json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert 400 <= response.status_code < 500, response.text
+        return response.headers[REPLICA_HEADER]
+
+    owners = {}
+    for _ in range(2):
+        for i in range(16):
+            owners.setdefault(f"org/unknown-{i}", set()).add(answered_by(f"org/unknown-{i}"))
+    assert all(len(replicas) == 1 for replicas in owners.values()), owners
+    assert len(set().union(*owners.values())) == 2  # not all on one replica (chance 2 ** -15)
+
+
 def test_errors_keep_their_wire_shape_through_the_ingress(ray_url):
     response = httpx.post(ray_url + "/v1/chat/completions", timeout=120, json={
         "model": "a", "messages": [{"role": "user", "content": "Hi"}], "temperature": -1})

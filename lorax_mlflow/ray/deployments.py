@@ -5,12 +5,10 @@
   (`create_app`), so routes, validation, error shapes and streams are identical.
 - `LoraxIngress` receives every HTTP request, reads the adapter the body names (as the routes
   do: ``adapter_id`` or OpenAI ``model``; LoRAX ``parameters.adapter_id``) and forwards it with
-  that id as Serve's multiplexed model id: Serve's router sends it to a replica that already
-  serves the adapter, else to a lightly loaded one. Base-model requests and merges spread freely.
-- A replica's multiplexed "models" are bookkeeping of which adapters it serves; its engine's
-  own tiered cache loads the weights when the request arrives. The per-replica cap is the number
-  of adapters of the largest accepted rank that fit in the engine's host-cache budget, so the
-  router's view of a replica matches what its memory can keep.
+  that id as Serve's multiplexed model id, which `AdapterOwnerRouter` (the replicas' request
+  router) reads: each adapter goes to its owner replica by rendezvous hashing, to its next one
+  while the owner is overloaded, so each replica's adapter cache covers about 1/N of the adapters.
+  Base-model requests and merges spread by load.
 """
 
 from __future__ import annotations
@@ -22,9 +20,12 @@ import os
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from lorax_mlflow.ray.adapter_owner import LoadBound
+from lorax_mlflow.ray.adapter_router import AdapterOwnerRouter
 from lorax_mlflow.ray.asgi_call import HttpRequest, HttpResponseStart, call_asgi
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class LoraxReplica:
     """One engine over an MLflow model, answering requests through the project's FastAPI app."""
 
     def __init__(self, model_uri: str | None = None, engine_env: dict[str, str] | None = None,
-                 max_adapters: int | None = None, preload_adapters: dict[str, str] | None = None) -> None:
+                 preload_adapters: dict[str, str] | None = None) -> None:
         os.environ.update(engine_env or {})  # LORAX_* engine overrides, read when the engine is built
         from lorax_mlflow.server import create_app, load_served_model
         from lorax_mlflow.server.adapter_admin import preload_adapters as preload
@@ -74,14 +75,8 @@ class LoraxReplica:
         self.app = create_app(self.served)
         self.adapters = self.served.service.engine.adapters
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
-        self.max_adapters = max_adapters or self.adapters.host_capacity()
-
-        async def serve_adapter(adapter_id: str) -> str:
-            return adapter_id
-
-        self._serve_adapter = serve.multiplexed(max_num_models_per_replica=self.max_adapters)(serve_adapter)
-        logger.info("replica %s ready: base %s, up to %d adapters", self.replica_id,
-                    self.served.service.base_model_name, self.max_adapters)
+        logger.info("replica %s ready: base %s, host cache for %d adapters", self.replica_id,
+                    self.served.service.base_model_name, self.adapters.host_capacity())
 
     def base_model_name(self) -> str:
         return self.served.service.base_model_name
@@ -91,9 +86,6 @@ class LoraxReplica:
 
     async def handle(self, request: HttpRequest):
         """Stream the app's answer: an `HttpResponseStart`, then body chunks."""
-        adapter_id = serve.get_multiplexed_model_id()
-        if adapter_id:
-            await self._serve_adapter(adapter_id)
         async for item in call_asgi(self.app, request):
             if isinstance(item, HttpResponseStart):
                 item.headers += [(REPLICA_HEADER.encode(), self.replica_id.encode()),
@@ -179,21 +171,30 @@ def build_app(
     num_cpus_per_replica: float = 1.0,
     num_gpus_per_replica: float = 0,
     engine_env: dict[str, str] | None = None,
-    max_adapters_per_replica: int | None = None,
     max_ongoing_requests: int = 64,
     affinity: bool = True,
+    overload_slack: int = LoadBound.slack,
+    overload_ratio: float = LoadBound.ratio,
     preload_adapters: dict[str, str] | None = None,
 ):
     """The Serve application: `replicas` engines over `model_uri` (None: the embedded default model).
 
     ``engine_env``: LORAX_* engine overrides for every replica (e.g. ``{"LORAX_NUM_THREADS": "1"}``).
-    ``affinity=False`` routes without adapter ids (Serve's default load-based routing), the
-    baseline `benchmarks/scale_out.py` compares with.
+    ``affinity=True`` routes each adapter to its owner replica (`AdapterOwnerRouter`), to its next
+    replica while the owner carries more than ``overload_slack`` requests above the least-loaded
+    replica and more than ``overload_ratio`` times its load (`LoadBound`); ``affinity=False`` routes
+    without adapter ids (Serve's default load-based routing), the baseline
+    `benchmarks/scale_out.py` compares with.
     """
+    routing = {}
+    if affinity:
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class=AdapterOwnerRouter,
+            request_router_kwargs={"slack": overload_slack, "ratio": overload_ratio})
     replica = serve.deployment(
         LoraxReplica, name="LoraxReplica", num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica},
-    ).bind(model_uri, engine_env, max_adapters_per_replica, preload_adapters)
+        ray_actor_options={"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica}, **routing,
+    ).bind(model_uri, engine_env, preload_adapters)
     ingress = serve.deployment(
         LoraxIngress, name="LoraxIngress", max_ongoing_requests=max_ongoing_requests * max(replicas, 1) * 2,
         ray_actor_options={"num_cpus": 0},
