@@ -50,8 +50,10 @@ class PrefillBudget:
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
         """Learn from one step: `num_decodes` one-token rows and `num_prefill_tokens` prefill tokens in `seconds`."""
-        logger.debug("step: %d decodes, %d prefill tokens, %.1f ms (decode step %s ms, prefill token %s ms)",
-                     num_decodes, num_prefill_tokens, 1000 * seconds, _ms(self.decode_step_s), _ms(self.prefill_token_s))
+        if logger.isEnabledFor(logging.DEBUG):  # the cost strings are built only when they are logged
+            logger.debug("step: %d decodes, %d prefill tokens, %.1f ms (decode step %s ms, prefill token %s ms)",
+                         num_decodes, num_prefill_tokens, 1000 * seconds, _ms(self.decode_step_s),
+                         _ms(self.prefill_token_s))
         if num_prefill_tokens == 0:
             if num_decodes:
                 self.decode_step_s = _average(self.decode_step_s, seconds)
