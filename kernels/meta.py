@@ -12,7 +12,7 @@ path and the kernel launch grids run without reading a device tensor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,16 +34,11 @@ class LoraBatchMeta:
                             lets the torch path use plain slices instead of gather/scatter.
     segment_tokens          per segment, its token indices (views of sorted_token_indices), made
                             once here so layers do not re-slice them.
-    uniform_rows            the rows ``[start, stop)`` of the batch when the tokens with an adapter are
-                            exactly that run, grouped by slot, every segment the same length (a
-                            decode step packed by slot whose adapters have equally many sequences):
-                            segment g is then rows ``start + g * width ...`` and the CPU path runs
-                            every segment at once on views, with no gather or scatter; else None.
-    padded_token_index      int64 [G * max_segment_tokens]: segment g's tokens at rows
-                            g * max_segment_tokens + i, padding rows pointing at token 0
-    padded_valid            float32 [G * max_segment_tokens, 1]: 1 for real rows, 0 for padding
-                            (the padded CPU path zeroes padding rows with it, so adding their
-                            all-zero results to token 0 changes nothing)
+    runs                    the batch's maximal runs of consecutive rows with one slot, in row order,
+                            as (first row, row count, slot): the units of the CPU path, which
+                            plans per layer shape which runs get their own GEMM pair and which
+                            run together in one batched pair (`run_plan.plan_runs`, cached in
+                            `cpu_plans`).
     """
 
     num_tokens: int
@@ -58,9 +53,8 @@ class LoraBatchMeta:
     segment_counts_host: tuple[int, ...]
     segment_first_tokens: tuple[int, ...]
     segment_tokens: tuple[torch.Tensor, ...]
-    padded_token_index: torch.Tensor
-    padded_valid: torch.Tensor
-    uniform_rows: slice | None
+    runs: tuple[tuple[int, int, int], ...]
+    cpu_plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_segments(self) -> int:
@@ -119,8 +113,7 @@ def make_lora_meta(
     first_tokens = tuple(
         _first_token_if_contiguous(sorted_tokens[start : start + count]) for start, count in zip(starts_host, counts_host)
     )
-    padded_index, padded_valid = _padded_layout(sorted_tokens, starts_host, counts_host)
-    parts = [sorted_tokens, segment_slots, segment_starts, segment_counts, token_positions, padded_index, padded_valid]
+    parts = [sorted_tokens, segment_slots, segment_starts, segment_counts, token_positions]
     views = _to_device_in_one_copy(parts, target_device)
     device_sorted_tokens = views[0]
     return LoraBatchMeta(
@@ -138,9 +131,7 @@ def make_lora_meta(
         segment_tokens=tuple(
             device_sorted_tokens[start : start + count] for start, count in zip(starts_host, counts_host)
         ),
-        padded_token_index=views[5],
-        padded_valid=views[6].to(torch.float32).view(-1, 1),
-        uniform_rows=_uniform_rows(first_tokens, counts_host),
+        runs=_runs(slots.tolist()),
     )
 
 
@@ -154,24 +145,16 @@ def _to_device_in_one_copy(parts: list[torch.Tensor], device: torch.device) -> l
     return list(torch.split(on_device, sizes))
 
 
-def _padded_layout(
-    sorted_tokens: torch.Tensor, starts: tuple[int, ...], counts: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[G * width] token index and 0/1 validity (int64) of the padded CPU layout."""
-    width = max(counts)
-    index = torch.zeros(len(counts), width, dtype=torch.int64)
-    valid = torch.zeros(len(counts), width, dtype=torch.int64)
-    for segment, (start, count) in enumerate(zip(starts, counts)):
-        index[segment, :count] = sorted_tokens[start : start + count]
-        valid[segment, :count] = 1
-    return index.view(-1), valid.view(-1)
-
-
-def _uniform_rows(first_tokens: tuple[int, ...], counts: tuple[int, ...]) -> slice | None:
-    """The run of rows the segments tile back to back with one length each, if they do."""
-    width, start = counts[0], first_tokens[0]
-    tiled = all(count == width and first == start + g * width for g, (first, count) in enumerate(zip(first_tokens, counts)))
-    return slice(start, start + len(counts) * width) if tiled and start >= 0 else None
+def _runs(slots: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """Maximal runs of consecutive rows with one adapter slot, rows without an adapter left out."""
+    runs = []
+    start = 0
+    for row in range(1, len(slots) + 1):
+        if row == len(slots) or slots[row] != slots[start]:
+            if slots[start] >= 0:
+                runs.append((start, row - start, slots[start]))
+            start = row
+    return tuple(runs)
 
 
 def _first_token_if_contiguous(tokens: torch.Tensor) -> int:

@@ -1,11 +1,12 @@
 """LoRA shrink/expand with plain torch ops: the CPU path (and the fallback wherever Triton is absent).
 
-Per segment (one adapter slot and its tokens): gather the tokens, one matmul with that slot's A,
-one with its B, scatter-add into y. A segment whose tokens form one contiguous run of the batch
-(the usual case) uses slices instead of gather/scatter. Tokens without an adapter cost nothing.
-v is float32 whatever the input dtype; fp16/bf16 operands are upcast per segment, so both
-products accumulate in float32 and y is rounded once, when the update is added.
-On CPU the cost is mostly per-op overhead, so `add_lora` (one slice) skips materialising v.
+`lora_shrink` / `lora_expand` (several slices, the layout the Triton kernels share), per segment
+(one adapter slot and its tokens): gather the tokens, one matmul with that slot's A, one with its B,
+scatter-add into y; a segment whose tokens form one contiguous run uses slices instead.
+`add_lora` (one slice, the CPU layout) works on runs of rows instead of segments, as
+`run_plan.plan_runs` decides: long runs alone on slices, short runs in one batched pair.
+Tokens without an adapter cost nothing. v is float32 whatever the input dtype; fp16/bf16 operands
+are upcast, so both products accumulate in float32 and y is rounded once, when the update is added.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from .meta import LoraBatchMeta
-from .padded_cpu import padded_add_lora, prefer_padded, uniform_add_lora
+from .batched_runs import batched_add_lora
+from .run_plan import plan_runs
 from .shapes import check_expand_args, check_shrink_args
 
 
@@ -49,16 +51,12 @@ def add_lora(
 ) -> None:
     check_shrink_args(x, [a_stack], meta)
     check_expand_args((1, meta.num_tokens, a_stack.shape[1]), [b_stack], meta, y)
-    if meta.uniform_rows is not None and y.is_contiguous():
-        uniform_add_lora(y, x, a_stack, b_stack, meta)
-        return
-    if prefer_padded(meta, a_stack.shape[1], a_stack.shape[2], b_stack.shape[1]):
-        padded_add_lora(y, x, a_stack, b_stack, meta)
-        return
-    for segment, slot in enumerate(meta.segment_slots_host):
-        rows = _segment_rows(meta, segment)
-        v_rows = _gather(x, rows).float() @ a_stack[slot].float().T
-        _scatter_add(y, rows, (v_rows @ b_stack[slot].float().T).to(y.dtype))
+    plan = plan_runs(meta, a_stack.shape[1], a_stack.shape[2], b_stack.shape[1])
+    for start, stop, slot in plan.singles:
+        v_rows = x[start:stop].float() @ a_stack[slot].float().T
+        y[start:stop] += (v_rows @ b_stack[slot].float().T).to(y.dtype)
+    if plan.batched is not None:
+        batched_add_lora(y, x, a_stack, b_stack, plan.batched)
 
 
 def _segment_rows(meta: LoraBatchMeta, segment: int) -> slice | torch.Tensor:

@@ -167,12 +167,10 @@ def test_meta_marks_contiguous_requests():
     assert meta.segment_first_tokens == (4, 0)
 
 
-def test_meta_marks_segments_that_tile_one_run_of_rows_with_one_length():
-    assert make_lora_meta([-1, -1, 0, 0, 3, 3, 5, 5], num_slots=6).uniform_rows == slice(2, 8)
-    assert make_lora_meta([1, 2, 4], num_slots=6).uniform_rows == slice(0, 3)
-    assert make_lora_meta([0, 0, -1, 1, 1], num_slots=2).uniform_rows is None  # a gap inside the run
-    assert make_lora_meta([0, 0, 1], num_slots=2).uniform_rows is None  # lengths differ
-    assert make_lora_meta([0, 1, 0, 1], num_slots=2).uniform_rows is None  # not grouped by slot
+def test_meta_lists_the_runs_of_consecutive_rows_with_one_slot():
+    assert make_lora_meta([-1, -1, 0, 0, 3, 3, 5, 5], num_slots=6).runs == ((2, 2, 0), (4, 2, 3), (6, 2, 5))
+    assert make_lora_meta([0, 0, -1, 1, 1], num_slots=2).runs == ((0, 2, 0), (3, 2, 1))
+    assert make_lora_meta([0, 1, 0, 1], num_slots=2).runs == ((0, 1, 0), (1, 1, 1), (2, 1, 0), (3, 1, 1))
 
 
 def test_meta_is_none_when_no_token_has_an_adapter():
@@ -302,30 +300,49 @@ def test_triton_kernels_under_interpreter():
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
-def test_padded_cpu_path_is_chosen_for_many_small_segments_and_matches_reference():
-    from lorax_kernels.padded_cpu import prefer_padded
+def test_cpu_plan_batches_short_runs_and_gives_long_runs_their_own_gemms():
+    from lorax_kernels.run_plan import plan_runs
 
+    rank, d_in, d_out = 16, 576, 576
+    decode = make_lora_meta([0, 0, 1, 1, 2, 2, 3, 3], 8)  # a decode step packed by slot: views, no padding
+    plan = plan_runs(decode, rank, d_in, d_out)
+    assert plan.singles == () and plan.batched.rows == slice(0, 8) and plan.batched.slots == (0, 1, 2, 3)
+
+    # 16 decodes of 8 adapters, then a 128-token prefill chunk of adapter 0: the chunk is not padded with
+    # the decodes (nor are the decodes padded to its length), it runs alone on slices
+    mixed = make_lora_meta([s for s in range(8) for _ in range(2)] + [0] * 128, 8)
+    plan = plan_runs(mixed, rank, d_in, d_out)
+    assert plan.singles == ((16, 144, 0),) and plan.batched.rows == slice(0, 16)
+
+    uneven = make_lora_meta([5, 1, 2, 3, 4, 5, 6, 7, -1, 3, 3, 1], 8)  # short runs of unequal length: padded
+    plan = plan_runs(uneven, rank, d_in, d_out)
+    assert plan.singles == () and plan.batched.rows is None and plan.batched.width == 2
+    assert plan_runs(uneven, rank, d_in, d_out) is plan  # planned once per step and layer shape
+
+    long_and_short = make_lora_meta([1] * 4000 + [2], 8)
+    assert plan_runs(long_and_short, rank, d_in, d_out).batched is None  # padding 3,999 rows would cost more
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "token_lora",
+    [
+        [5, 1, 2, 3, 4, 5, 6, 7, -1, 3, 3, 1],  # short runs of unequal length, a gap: padded batch
+        [0, 0, 1, 1, 2, 2, 3, 3],  # one block of equal runs of slots 0..3: views of the stacks
+        [4, 4, 6, 6, 1, 1] + [4] * 1000 + [-1, 6, 6, 6, 6, 6],  # decodes, a long chunk alone, a short one batched
+        [1] * 300 + [2],  # every run alone
+    ],
+)
+def test_cpu_run_plans_match_the_float64_reference(token_lora, dtype):
     torch.manual_seed(0)
     slots, rank, d_in, d_out = 8, 16, 96, 160
-    token_lora = torch.tensor([5, 1, 2, 3, 4, 5, 6, 7, -1, 3, 3, 1])  # slot 0 unused: stacks are gathered
+    token_lora = torch.tensor(token_lora)
     meta = make_lora_meta(token_lora, slots)
-    assert prefer_padded(meta, rank, d_in, d_out)
-    one_long_segment = make_lora_meta(torch.tensor([1] * 4000 + [2]), slots)
-    assert not prefer_padded(one_long_segment, rank, d_in, d_out)
-
-    buffer_a = torch.randn(slots, 32, d_in)
-    buffer_b = torch.randn(slots, d_out, 32)
+    buffer_a = torch.randn(slots, 32, d_in, dtype=dtype)
+    buffer_b = torch.randn(slots, d_out, 32, dtype=dtype)
     a, b = buffer_a[:, :rank], buffer_b[:, :, :rank]  # rank slices of wider slot buffers, as the layers pass
-    x = torch.randn(len(token_lora), d_in)
-    y = torch.randn(len(token_lora), d_out)
+    x = torch.randn(len(token_lora), d_in, dtype=dtype)
+    y = torch.randn(len(token_lora), d_out, dtype=dtype)
     got = y.clone()
     add_lora(got, x, a, b, meta)
-    torch.testing.assert_close(got.double(), reference_add_lora(y, x, a, b, token_lora), rtol=1e-5, atol=1e-4)
-
-    contiguous = make_lora_meta(torch.tensor([0, 1, 2, 0, 1, 2]), slots)  # slots 0..2: stacks used as views
-    x, y = x[:6], y[:6]
-    got = y.clone()
-    add_lora(got, x, a, b, contiguous)
-    torch.testing.assert_close(
-        got.double(), reference_add_lora(y, x, a, b, torch.tensor([0, 1, 2, 0, 1, 2])), rtol=1e-5, atol=1e-4
-    )
+    assert_matches_reference(got, reference_add_lora(y, x, a, b, token_lora), dtype)

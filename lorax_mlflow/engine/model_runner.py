@@ -126,7 +126,8 @@ class ModelRunner:
 
         One-token rows (decodes) are packed first, then the prefill chunks, as the attention expects;
         each part in order of adapter slot, so that an adapter's rows are one run of the batch (the
-        LoRA layers then read them as views: see `LoraBatchMeta.uniform_rows`).
+        CPU LoRA path batches a step's short runs as views and gives long ones their own GEMMs:
+        see `lorax_kernels.run_plan`).
         A sequence with draft tokens feeds them after its last token and keeps the logits at each.
         """
         fed = sorted((item for item in scheduled if item.num_new_tokens > 0),
