@@ -147,3 +147,26 @@ def test_learned_chunk_makes_a_step_cost_about_ratio_decode_steps():
     assert budget.tokens(num_decodes=16) == pytest.approx(40, abs=1)  # 2 x 100 ms at 5 ms a token
     assert PrefillBudget(2048, fixed_chunk=64, chunk_cost_ratio=2.0).tokens(num_decodes=3) == 64
     assert PrefillBudget(16, fixed_chunk=None, chunk_cost_ratio=2.0).tokens(num_decodes=3) == 16
+
+
+def test_step_cost_model_learns_decode_cost_per_sequence_from_mixed_steps():
+    """A decode step of 16 sequences costs more than one of 1; while a long prompt keeps every step
+    mixed, the model still learns it from those mixed steps, so the chunk follows the batch."""
+    from lorax_mlflow.engine.step_cost import StepCostModel
+
+    def seconds(decodes: int, prefill: int) -> float:  # 80 ms fixed, 8 ms a decode, 3 ms a prefill token
+        return 0.080 + 0.008 * decodes + 0.003 * prefill
+
+    model = StepCostModel()
+    assert not model.ready
+    for decodes, prefill in [(0, 40), (0, 1500), (1, 32), (4, 32), (8, 64), (16, 90), (16, 60), (12, 0), (16, 120)] * 3:
+        model.observe(decodes, prefill, seconds(decodes, prefill))
+    assert model.ready
+    assert model.decode_step_s(1) == pytest.approx(0.088, rel=0.02)
+    assert model.decode_step_s(16) == pytest.approx(0.208, rel=0.02)
+    assert model.prefill_token_s == pytest.approx(0.003, rel=0.02)
+
+    budget = PrefillBudget(2048, fixed_chunk=None, chunk_cost_ratio=2.0)
+    budget.cost = model
+    assert budget.tokens(num_decodes=16) == pytest.approx(2 * 0.208 / 0.003, abs=2)
+    assert budget.tokens(num_decodes=1) == pytest.approx(2 * 0.088 / 0.003, abs=2)

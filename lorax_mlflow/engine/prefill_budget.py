@@ -7,18 +7,19 @@ a long prompt needs, which bounds its time to first token under load. With a dec
 prompt's time to first token by ``1 + d/(k*c)``: both stay small when ``k*c`` is about twice ``d``.
 
 The token count that achieves that depends on the model, the hardware and the batch, so it is
-learned from measured step times (exponential moving averages of the decode-only step time and of
-the time per prefill token) unless the configuration fixes it. With no decode running, a prefill
-gets the whole step budget: nobody waits on it.
+learned from measured step times (`StepCostModel`: a decode step's cost for this many decodes, and
+a prefill token's) unless the configuration fixes it. With no decode running, a prefill gets the
+whole step budget: nobody waits on it.
 """
 
 from __future__ import annotations
 
 import logging
 
+from lorax_mlflow.engine.step_cost import StepCostModel
+
 logger = logging.getLogger(__name__)
 
-_SMOOTHING = 0.3
 _MIN_CHUNK = 32
 _INITIAL_CHUNK = 256
 """Chunk used until both costs have been measured (a few steps)."""
@@ -31,10 +32,7 @@ class PrefillBudget:
         """Prefill tokens per step while decoding, when configured; None -> learned."""
         self.chunk_cost_ratio = chunk_cost_ratio
         """Target cost of a step's prefill share, in decode steps."""
-        self.decode_step_s: float | None = None
-        """Moving average of the duration of steps that carried only decodes."""
-        self.prefill_token_s: float | None = None
-        """Moving average of the time one prefill token adds to a step."""
+        self.cost = StepCostModel()
 
     def tokens(self, num_decodes: int) -> int:
         """Prefill tokens the next step may hold, given how many decodes it carries."""
@@ -42,32 +40,17 @@ class PrefillBudget:
             return self.max_num_batched_tokens
         if self.fixed_chunk is not None:
             return min(self.fixed_chunk, self.max_num_batched_tokens)
-        if self.decode_step_s is None or self.prefill_token_s is None:
+        if not self.cost.ready:
             chunk = _INITIAL_CHUNK
         else:
-            chunk = max(_MIN_CHUNK, int(self.chunk_cost_ratio * self.decode_step_s / self.prefill_token_s))
+            decode_step_s = self.cost.decode_step_s(num_decodes)
+            chunk = max(_MIN_CHUNK, int(self.chunk_cost_ratio * decode_step_s / self.cost.prefill_token_s))
         return min(chunk, self.max_num_batched_tokens)
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
         """Learn from one step: `num_decodes` one-token rows and `num_prefill_tokens` prefill tokens in `seconds`."""
+        self.cost.observe(num_decodes, num_prefill_tokens, seconds)
         if logger.isEnabledFor(logging.DEBUG):  # the cost strings are built only when they are logged
-            logger.debug("step: %d decodes, %d prefill tokens, %.1f ms (decode step %s ms, prefill token %s ms)",
-                         num_decodes, num_prefill_tokens, 1000 * seconds, _ms(self.decode_step_s),
-                         _ms(self.prefill_token_s))
-        if num_prefill_tokens == 0:
-            if num_decodes:
-                self.decode_step_s = _average(self.decode_step_s, seconds)
-            return
-        decode_share = self.decode_step_s if num_decodes and self.decode_step_s is not None else 0.0
-        if num_decodes and self.decode_step_s is None:
-            return  # no decode estimate yet: cannot tell the prefill's share of this step
-        per_token = max(seconds - decode_share, 0.1 * seconds) / num_prefill_tokens
-        self.prefill_token_s = _average(self.prefill_token_s, per_token)
-
-
-def _average(current: float | None, sample: float) -> float:
-    return sample if current is None else (1 - _SMOOTHING) * current + _SMOOTHING * sample
-
-
-def _ms(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{1000 * seconds:.1f}"
+            logger.debug("step: %d decodes, %d prefill tokens, %.1f ms (learned: decode step %.1f ms, prefill token "
+                         "%.2f ms)", num_decodes, num_prefill_tokens, 1000 * seconds,
+                         1000 * self.cost.decode_step_s(num_decodes), 1000 * self.cost.prefill_token_s)
