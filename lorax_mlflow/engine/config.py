@@ -98,10 +98,14 @@ class EngineConfig:
         None, "prefill tokens a step may hold while other sequences decode (chunked prefill; default: learned "
         "from measured step times)", kind=int)
     prefill_chunk_cost_ratio: float = setting(
-        2.0, "learned chunk target: the prefill share of a step with decodes costs about this many decode steps",
+        3.0, "learned chunk target: the prefill share of a step with decodes costs about this many decode steps",
         kind=float)
-    """With 2, a step carrying a chunk takes about 3 decode steps, and a long prompt arriving under load
-    reaches its first token about 1.5x later than alone."""
+    """With ratio r, a step carrying a chunk costs about 1 + r decode steps (the decoding streams' worst gap)
+    and a long prompt arriving under load reaches its first token about 1 + 1/r times later than alone, in
+    the linear cost model; measured, small chunks cost more per token than one whole-prompt step (and the
+    prompt waits for the step in flight), so the delay comes out larger. benchmarks/serving.py
+    --long-prompt, 16 streams + a 1,500-token prompt, 2 cores: r=2 -> gap 1.97x, TTFT 1.97x; r=3 -> gap
+    2.70x, TTFT 1.49x (targets 3x and 1.5x)."""
     max_model_len: int | None = setting(
         None, "context window in tokens (default: the model's max_position_embeddings, at most 8192)", kind=int)
     block_size: int = setting(16, "tokens per KV cache block", kind=int)

@@ -4,7 +4,8 @@ A step that carries decodes is a gap between two tokens of every decoding stream
 share is what bounds their worst inter-token gap; the more prefill a step carries, the fewer steps
 a long prompt needs, which bounds its time to first token under load. With a decode step costing
 ``d`` and a chunk of ``k`` prefill tokens ``k * c``, the gap grows by ``1 + k*c/d`` and the long
-prompt's time to first token by ``1 + d/(k*c)``: both stay small when ``k*c`` is about twice ``d``.
+prompt's time to first token by ``1 + d/(k*c)``: both stay small when ``k*c`` is a few times ``d``
+(`EngineConfig.prefill_chunk_cost_ratio`, measured there).
 
 The token count that achieves that depends on the model, the hardware and the batch, so it is
 learned from measured step times (`StepCostModel`: a decode step's cost for this many decodes, and
