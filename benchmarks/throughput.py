@@ -5,7 +5,8 @@ on the engine's device and dtype; the header names both and PEFT runs on the sam
 counts everywhere), base-only and spread over `--adapters` random r=`--rank` adapters on all 7
 projections, every adapter warm. Rows:
 
-  engine client       EngineClient.submit, the core in its own process, for each `--core-threads`
+  engine client       EngineClient.submit, the core in its own process, for each `--core-threads` (their
+                      rounds interleaved, so a burst of load hits each thread count alike)
   in-process thread   the core on a thread of this process (1 torch thread): the path before the split
   predict()           mlflow.pyfunc.load_model(...).predict from `--requests` threads
   HTTP server         `lorax-mlflow serve` (a subprocess), `--requests` concurrent SSE chat streams
@@ -192,9 +193,22 @@ def vllm_rates(base: Path, folders: dict[str, Path], prompts, names: list[str], 
 
 def measure(rate: Rate, names: list[str], base_names: list[str], repeats: int) -> dict[str, float]:
     """Median tokens/s of `repeats` rounds, base-only and mixed, after one short warm-up round."""
-    rate(list(dict.fromkeys(names)))  # warm-up: every adapter loaded once
-    runs = {"base_only": [rate(base_names) for _ in range(repeats)], "mixed": [rate(names) for _ in range(repeats)]}
-    return {kind: sorted(values)[len(values) // 2] for kind, values in runs.items()}
+    return measure_interleaved({"": rate}, names, base_names, repeats)[""]
+
+
+def measure_interleaved(rates: dict[str, Rate], names: list[str], base_names: list[str],
+                        repeats: int) -> dict[str, dict[str, float]]:
+    """`measure` for several rows at once, their rounds interleaved (A, B, A, B, ...): a burst of load on
+    the shared machine then hits every row alike instead of deciding a ratio between rows."""
+    for rate in rates.values():
+        rate(list(dict.fromkeys(names)))  # warm-up: every adapter loaded once
+    runs: dict[str, dict[str, list[float]]] = {row: {"base_only": [], "mixed": []} for row in rates}
+    for _ in range(repeats):
+        for row, rate in rates.items():
+            runs[row]["base_only"].append(rate(base_names))
+            runs[row]["mixed"].append(rate(names))
+    return {row: {kind: sorted(values)[len(values) // 2] for kind, values in kinds.items()}
+            for row, kinds in runs.items()}
 
 
 def main() -> None:
@@ -230,10 +244,11 @@ def main() -> None:
     rows: dict[str, dict[str, float] | None] = {}
     step_lines: list[str] = []
 
-    for threads in args.core_threads:
-        client = EngineClient(base, EngineConfig(**engine_config, num_threads=threads))
-        rows[f"engine client, core {threads} thr"] = measure(client_rate(client, prompts, folders, args.max_tokens),
-                                                            names, base_names, args.repeats)
+    clients = {f"engine client, core {threads} thr": EngineClient(base, EngineConfig(**engine_config, num_threads=threads))
+               for threads in args.core_threads}  # idle cores block: the one not measured costs nothing
+    rows.update(measure_interleaved({row: client_rate(client, prompts, folders, args.max_tokens)
+                                     for row, client in clients.items()}, names, base_names, args.repeats))
+    for client in clients.values():
         client.shutdown()
     client = EngineClient(base, EngineConfig(**engine_config, num_threads=1, in_process=True))
     rate = client_rate(client, prompts, folders, args.max_tokens)
