@@ -73,7 +73,6 @@ def main() -> None:
     folders = make_random_adapters(base, adapter_dir, args.adapters, args.rank)
     core = EngineCore(base, EngineConfig(max_loras=args.adapters, max_lora_rank=args.rank,
                                          adapter_roots=[str(adapter_dir)]))
-    torch.set_num_threads(args.threads)
     keys = []
     for name in sorted(folders):
         resolved = core.adapters.resolve(AdapterRequest(str(folders[name])))
@@ -112,7 +111,8 @@ def main() -> None:
             core.abort_request(request_id)
         return statistics.median(times), {label: s / args.steps for label, s in parts.seconds.items()}
 
-    run_round("base"), run_round("mixed")  # warm-up
+    for kind in ("base", "mixed"):  # warm-up
+        run_round(kind)
     steps: dict[str, list[float]] = {"base": [], "mixed": []}
     by_part: dict[str, dict[str, list[float]]] = {"base": defaultdict(list), "mixed": defaultdict(list)}
     for r in range(args.rounds):
